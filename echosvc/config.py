@@ -1,0 +1,161 @@
+"""The service's configuration: one frozen, validated object.
+
+Every knob of DESIGN.md lives here with its default, and every value is
+checked when the object is built, so a bad value is rejected before anything
+binds. A rejected value raises `ConfigError`, which names the field; the CLI
+turns the field name into the flag the user typed.
+
+This module imports nothing from the rest of the package: it is the one
+vocabulary every other module shares.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import attrs
+
+DEFAULT_PORT = 9000
+
+_E = TypeVar("_E", bound="StrEnum")
+
+
+class Mode(StrEnum):
+    """How a connection echoes: `line` frames on ``\\n``; `stream` is RFC 862."""
+
+    LINE = "line"
+    STREAM = "stream"
+
+
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class CloseReason(StrEnum):
+    """Why a connection ended: the ``reason`` field of ``connection_closed``."""
+
+    EOF = "eof"
+    READ_TIMEOUT = "read_timeout"
+    WRITE_TIMEOUT = "write_timeout"
+    LINE_TOO_LONG = "line_too_long"
+    RESET = "reset"
+    SHUTDOWN = "shutdown"
+    ERROR = "error"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. ``field`` names the `Config` field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _seconds(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(attribute.name, f"must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(attribute.name, f"must be a number of seconds >= 0, not {value!r}")
+
+
+def _whole(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(attribute.name, f"must be a whole number, not {value!r}")
+
+
+def _at_least_one(inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    _whole(inst, attribute, value)
+    if value < 1:
+        raise ConfigError(attribute.name, f"must be at least 1, not {value!r}")
+
+
+def _port(inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    _whole(inst, attribute, value)
+    if not 0 <= value <= 65535:
+        raise ConfigError(attribute.name, f"must be between 0 and 65535, not {value!r}")
+
+
+def _hosts(
+    inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
+    if not value:
+        raise ConfigError(attribute.name, "needs at least one host")
+    for host in value:
+        if not host or host != host.strip():
+            raise ConfigError(attribute.name, f"{host!r} is not a host name or address")
+
+
+def _host_tuple(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _choice(kind: type[_E], field: str, value: object) -> _E:
+    try:
+        return kind(value)  # type: ignore[arg-type]  # anything else is rejected below
+    except ValueError:
+        choices = ", ".join(member.value for member in kind)
+        raise ConfigError(field, f"must be one of {choices}, not {value!r}") from None
+
+
+def _mode(value: object) -> Mode:
+    return _choice(Mode, "mode", value)
+
+
+def _log_format(value: object) -> LogFormat:
+    return _choice(LogFormat, "log_format", value)
+
+
+def _log_level(value: object) -> LogLevel:
+    return _choice(LogLevel, "log_level", value)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Everything that decides how echosvc behaves.
+
+    The defaults are DESIGN.md's. A timeout of ``0`` disables that deadline.
+    ``log_format`` and ``log_level`` are read only by the daemon
+    (`echosvc.daemon`): the library never configures logging.
+
+    Raises:
+      ConfigError: if any value is out of range; its ``field`` names the
+          offending field.
+
+    """
+
+    hosts: tuple[str, ...] = attrs.field(
+        default=("127.0.0.1",), converter=_host_tuple, validator=_hosts
+    )
+    port: int = attrs.field(default=DEFAULT_PORT, validator=_port)
+    mode: Mode = attrs.field(default=Mode.LINE, converter=_mode)
+    read_timeout: float = attrs.field(default=300.0, validator=_seconds)
+    write_timeout: float = attrs.field(default=30.0, validator=_seconds)
+    max_line_bytes: int = attrs.field(default=65536, validator=_at_least_one)
+    max_connections: int = attrs.field(default=10000, validator=_at_least_one)
+    shutdown_grace: float = attrs.field(default=10.0, validator=_seconds)
+    backlog: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_at_least_one)
+    )
+    log_format: LogFormat = attrs.field(default=LogFormat.AUTO, converter=_log_format)
+    log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=_log_level)
+
+    def evolve(self, **changes: Any) -> Config:
+        """Return a copy with ``changes`` applied and validated."""
+        return attrs.evolve(self, **changes)
+
+
+def seconds_or_never(timeout: float) -> float:
+    """A timeout as a relative deadline: ``0`` means "never" (`math.inf`)."""
+    return timeout if timeout > 0 else math.inf
