@@ -1,0 +1,273 @@
+"""One connection: echo what the peer sends, under deadlines, until a reason to stop.
+
+This is the goroutine of the Go original. Go arms ``conn.SetReadDeadline``
+before every ``ReadString('\\n')``; here one cancel scope per connection
+carries the deadline of whatever the handler is waiting for, and its
+``deadline`` moves instead of a fresh ``move_on_after`` per line:
+
+* while reading, the scope's deadline is the *read* deadline of the next
+  line, armed when the previous line's echo completed (or at accept), so the
+  whole line must arrive in time and a trickling client is cut off;
+* while echoing, it is the *write* deadline of that echo, so a client that
+  never reads cannot pin the handler, and neither the read deadline nor a
+  graceful shutdown can cut an echo in half: `Connection.stop` cancels the
+  scope only while the handler is waiting for input, and otherwise lets the
+  echo finish first.
+
+When the scope catches its cancellation, what the handler was doing names the
+reason, in one place (`Connection._reason_for_cancel`). Everything the peer
+sends is echoed byte-exact; the framer (`echosvc.framing`) decides where lines
+end and enforces the line limit, and several lines that arrive together leave
+in one ``send_all``.
+
+The handler only ever uses the `trio.abc.Stream` interface, so it serves TLS
+streams, memory streams and anything else as well as TCP sockets.
+"""
+
+from __future__ import annotations
+
+import attrs
+import structlog
+import trio
+
+from .config import CloseReason, Config, Mode, seconds_or_never
+from .framing import LineFramer
+
+__all__ = ["Connection", "ConnectionStats", "handle_stream"]
+
+# trio.SocketStream's own default: one receive can take a full 64 KiB
+# segment train, so a pipelining client is served with few wakeups.
+RECEIVE_SIZE = 65536
+
+# Reasons after which the stream is closed politely (a TLS close_notify, a
+# FIN); after the others the peer is not listening or not there.
+_GRACEFUL = frozenset(
+    {CloseReason.EOF, CloseReason.SHUTDOWN, CloseReason.LINE_TOO_LONG, CloseReason.READ_TIMEOUT}
+)
+
+
+@attrs.frozen
+class ConnectionStats:
+    """What one connection did: the fields of the ``connection_closed`` event."""
+
+    conn_id: int | None
+    peer: str | None
+    reason: CloseReason
+    lines: int
+    bytes_in: int
+    bytes_out: int
+    duration_s: float
+
+
+class Connection:
+    """The echo protocol on one stream, and the handle to stop it gracefully.
+
+    Most callers want `handle_stream`; a server that must stop its
+    connections on shutdown keeps the `Connection` to call `stop`.
+
+    Args:
+      stream: any `trio.abc.Stream`. The connection takes ownership of it and
+          closes it before `run` returns, whatever happens.
+      config: the deadlines, the mode and the line limit.
+      conn_id: identifies the connection in the logs.
+      peer: the peer's ``"host:port"``, for the logs.
+
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        config: Config,
+        *,
+        conn_id: int | None = None,
+        peer: str | None = None,
+    ) -> None:
+        self._stream = stream
+        self._config = config
+        self.conn_id = conn_id
+        self.peer = peer
+        self.lines = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        # The scope exists before run() so that stop() works at any time.
+        self._scope = trio.CancelScope()
+        self._writing = False
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Close gracefully: finish the echo under way, echo every byte already
+        received (the unfinished line included), then close with reason
+        ``shutdown``. Idempotent, and safe to call before `run` starts.
+        """
+        self._stopping = True
+        if not self._writing:
+            self._scope.cancel()
+
+    async def run(self) -> ConnectionStats:
+        """Echo until the peer leaves, a deadline or limit fires, or `stop`.
+
+        Returns:
+          The connection's `ConnectionStats`, also logged as
+          ``connection_closed``.
+
+        Raises:
+          trio.Cancelled: if the surrounding scope was cancelled (the server's
+              shutdown grace ran out); logged with reason ``shutdown``.
+
+        An unexpected exception is logged with its traceback (reason
+        ``error``) and not re-raised: one connection's failure must not take
+        down whoever runs the others.
+
+        Resource handling:
+          The stream is always closed before this returns or raises.
+
+        """
+        log = structlog.get_logger("echosvc").bind(conn_id=self.conn_id, peer=self.peer)
+        log.debug("connection_opened")
+        started = trio.current_time()
+        reason = CloseReason.ERROR
+        error: Exception | None = None
+        try:
+            if self._config.mode is Mode.LINE:
+                reason = await self._echo_lines()
+            else:
+                reason = await self._echo_stream()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            reason = CloseReason.RESET
+        except Exception as exc:  # noqa: BLE001 -- contained here, logged with its traceback
+            reason, error = CloseReason.ERROR, exc
+        except BaseException:
+            reason = CloseReason.SHUTDOWN
+            raise
+        finally:
+            stats = ConnectionStats(
+                conn_id=self.conn_id,
+                peer=self.peer,
+                reason=reason,
+                lines=self.lines,
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                duration_s=round(trio.current_time() - started, 6),
+            )
+            fields = attrs.asdict(stats, filter=lambda a, _: a.name not in ("conn_id", "peer"))
+            if error is None:
+                log.info("connection_closed", **fields)
+            else:
+                log.error("connection_closed", **fields, exc_info=error)
+            if reason in _GRACEFUL:
+                await self._stream.aclose()
+            else:
+                await trio.aclose_forcefully(self._stream)
+        return stats
+
+    async def _echo_lines(self) -> CloseReason:
+        stream, scope = self._stream, self._scope
+        framer = LineFramer(self._config.max_line_bytes)
+        read_s = seconds_or_never(self._config.read_timeout)
+        write_s = seconds_or_never(self._config.write_timeout)
+        reason = CloseReason.EOF
+        scope.deadline = trio.current_time() + read_s
+        with scope:
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                self.bytes_in += len(data)
+                batch = framer.feed(data)
+                if batch:
+                    self._writing = True
+                    scope.deadline = trio.current_time() + write_s
+                    await stream.send_all(batch)
+                    self._writing = False
+                    self.bytes_out += len(batch)
+                    self.lines += batch.count(b"\n")
+                    if self._stopping:
+                        reason = CloseReason.SHUTDOWN
+                        break
+                    # SetReadDeadline for the next line: its clock starts now.
+                    scope.deadline = trio.current_time() + read_s
+                if framer.too_long:
+                    return CloseReason.LINE_TOO_LONG
+        if scope.cancelled_caught:
+            reason = self._reason_for_cancel()
+        if reason in (CloseReason.EOF, CloseReason.SHUTDOWN):
+            return await self._finish(framer.flush(), reason)
+        # Go's ReadString hands back the unfinished line with the timeout
+        # error and the handler returns: the fragment is not echoed.
+        return reason
+
+    async def _echo_stream(self) -> CloseReason:
+        stream, scope = self._stream, self._scope
+        read_s = seconds_or_never(self._config.read_timeout)
+        write_s = seconds_or_never(self._config.write_timeout)
+        scope.deadline = trio.current_time() + read_s
+        with scope:
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return CloseReason.EOF
+                self.bytes_in += len(data)
+                self._writing = True
+                scope.deadline = trio.current_time() + write_s
+                await stream.send_all(data)
+                self._writing = False
+                self.bytes_out += len(data)
+                if self._stopping:
+                    return CloseReason.SHUTDOWN
+                # In stream mode the read deadline is an idle timeout.
+                scope.deadline = trio.current_time() + read_s
+        return self._reason_for_cancel()
+
+    def _reason_for_cancel(self) -> CloseReason:
+        """Name the deadline or request that cancelled the connection's scope."""
+        if self._writing:
+            return CloseReason.WRITE_TIMEOUT
+        if self._stopping:
+            return CloseReason.SHUTDOWN
+        return CloseReason.READ_TIMEOUT
+
+    async def _finish(self, rest: bytes, reason: CloseReason) -> CloseReason:
+        """Echo the final unterminated line, if any, under the write deadline."""
+        if not rest:
+            return reason
+        self._writing = True
+        with trio.move_on_after(seconds_or_never(self._config.write_timeout)) as scope:
+            await self._stream.send_all(rest)
+        if scope.cancelled_caught:
+            return CloseReason.WRITE_TIMEOUT
+        self.bytes_out += len(rest)
+        self.lines += 1
+        return reason
+
+
+async def handle_stream(
+    stream: trio.abc.Stream,
+    config: Config,
+    *,
+    conn_id: int | None = None,
+    peer: str | None = None,
+) -> ConnectionStats:
+    """Serve the echo protocol on ``stream`` until the connection ends.
+
+    Works on any `trio.abc.Stream`: a `trio.SocketStream`, a
+    `trio.SSLStream`, a `trio.testing.memory_stream_pair` end. Behaviour
+    follows ``config`` exactly as for connections accepted by `echosvc.serve`:
+    mode, read and write deadlines, line limit, end-of-input flush.
+
+    Args:
+      stream: the stream to serve. Ownership passes to this function.
+      config: an `echosvc.Config`.
+      conn_id: optional identifier, logged with the connection's events.
+      peer: optional peer address, logged with the connection's events.
+
+    Returns:
+      `ConnectionStats`: why the connection closed and what it carried.
+
+    Raises:
+      trio.Cancelled: if the caller's scope is cancelled.
+
+    Resource handling:
+      ``stream`` is closed before this returns or raises.
+
+    """
+    return await Connection(stream, config, conn_id=conn_id, peer=peer).run()
