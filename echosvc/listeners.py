@@ -1,0 +1,152 @@
+"""Listening sockets: bound from the config, or adopted from a parent.
+
+`open_listeners` binds every ``--host`` (each name may resolve to several
+IPv4 and IPv6 addresses) on one port. It does what `trio.open_tcp_listeners`
+does per address -- ``SO_REUSEADDR``, ``IPV6_V6ONLY``, the largest backlog
+the kernel allows -- with two differences that need the sockets in hand
+before ``bind``: with port ``0`` every address gets the port the first bind
+picked (so one ``--port 0`` server has one port, however many hosts), and
+``SO_REUSEPORT`` can be set for several worker processes sharing a port.
+
+Everything is bound before any nursery opens, so a failure is one plain
+`BindError` (an `OSError`) whose message says which address and why, with
+every socket opened so far closed again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as stdlib_socket
+from collections.abc import Iterable
+
+import trio
+
+from .config import Config
+
+__all__ = ["BindError", "adopt_listeners", "format_address", "open_listeners"]
+
+# Linux and the BSDs store the backlog in 16 bits and truncate larger values
+# silently; trio and Go both ask for "as many as the kernel allows" this way
+# (see trio._highlevel_open_tcp_listeners._compute_backlog, golang/go#5030).
+MAX_BACKLOG = 0xFFFF
+
+# With --port 0 and several addresses, the port the kernel picks for the
+# first may be taken on another; pick again a few times before giving up.
+_SHARED_PORT_ATTEMPTS = 10
+
+
+class BindError(OSError):
+    """Listening failed: the message names the address and the cause."""
+
+
+def format_address(sockaddr: tuple[object, ...] | str) -> str:
+    """``"host:port"`` for IPv4, ``"[host]:port"`` for IPv6, as in the logs."""
+    if isinstance(sockaddr, str):  # AF_UNIX
+        return sockaddr
+    host, port = sockaddr[0], sockaddr[1]
+    if ":" in str(host):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+async def open_listeners(config: Config, *, reuse_port: bool = False) -> list[trio.SocketListener]:
+    """Listen on every host of ``config`` at ``config.port``.
+
+    Args:
+      config: supplies ``hosts``, ``port`` and ``backlog``.
+      reuse_port: set ``SO_REUSEPORT`` so that other processes can bind the
+          same address and the kernel spreads connections between them.
+
+    Returns:
+      One `trio.SocketListener` per resolved address, all on the same port.
+
+    Raises:
+      BindError: a host does not resolve, or an address cannot be bound.
+
+    """
+    addresses = await _resolve(config.hosts, config.port)
+    backlog = min(config.backlog or MAX_BACKLOG, MAX_BACKLOG)
+    for attempt in range(_SHARED_PORT_ATTEMPTS):
+        listeners: list[trio.SocketListener] = []
+        port = config.port
+        try:
+            for family, sockaddr in addresses:
+                if port != config.port:
+                    sockaddr = (sockaddr[0], port, *sockaddr[2:])
+                listeners.append(await _listen(family, sockaddr, backlog, reuse_port=reuse_port))
+                port = listeners[0].socket.getsockname()[1]
+        except BindError as exc:
+            _close(listeners)
+            retry = config.port == 0 and listeners and exc.errno == errno.EADDRINUSE
+            if not retry or attempt == _SHARED_PORT_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            _close(listeners)
+            raise
+        else:
+            return listeners
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def adopt_listeners(sockets: Iterable[stdlib_socket.socket]) -> list[trio.SocketListener]:
+    """Wrap already-listening sockets (from systemd or a parent process).
+
+    Raises:
+      ValueError: a socket is not a listening stream socket.
+
+    """
+    listeners = []
+    for sock in sockets:
+        if sock.type != stdlib_socket.SOCK_STREAM:
+            raise ValueError(f"inherited fd {sock.fileno()} is not a stream socket")
+        sock.setblocking(False)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+    return listeners
+
+
+async def _resolve(hosts: Iterable[str], port: int) -> list[tuple[int, tuple[object, ...]]]:
+    addresses: list[tuple[int, tuple[object, ...]]] = []
+    for host in hosts:
+        try:
+            infos = await trio.socket.getaddrinfo(
+                host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+            )
+        except stdlib_socket.gaierror as exc:
+            raise BindError(exc.errno, f"cannot resolve host {host!r}: {exc.strerror}") from None
+        for family, _, _, _, sockaddr in infos:
+            if (family, sockaddr) not in addresses:
+                addresses.append((family, sockaddr))
+    return addresses
+
+
+async def _listen(
+    family: int, sockaddr: tuple[object, ...], backlog: int, *, reuse_port: bool
+) -> trio.SocketListener:
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        # Restarting while old connections sit in TIME_WAIT must not fail
+        # (trio#39); every server sets this on Unix.
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        if family == trio.socket.AF_INET6:
+            # "::" means IPv6 only; "0.0.0.0" is listed separately if wanted.
+            sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+        await sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise BindError(
+            exc.errno, f"cannot listen on {format_address(sockaddr)}: {reason}"
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def _close(listeners: Iterable[trio.SocketListener]) -> None:
+    for listener in listeners:
+        listener.socket.close()

@@ -1,0 +1,288 @@
+"""The server: accept loops, one handler task per connection, graceful shutdown.
+
+Shape (after hypercorn's trio server): the *handler* nursery outlives the
+*accept* nursery. `Server.shutdown` cancels the accept scope, so every
+listener stops accepting and is closed at once; it asks each connection to
+`~echosvc.connection.Connection.stop` (finish the echo under way, echo what
+was received, close); and it gives the handler nursery a deadline of
+``shutdown_grace`` seconds, after which whatever is left is cancelled. No
+flag is polled: shutdown is cancel scopes and one deadline.
+
+Capacity is a `trio.CapacityLimiter`: an accept loop takes a token before
+``accept()`` and the handler gives it back when its connection closes, so at
+``max_connections`` the loops stop accepting and new clients wait in the
+kernel's backlog (backpressure, logged once as ``capacity_reached``). Each
+loop first waits for its socket to become readable and only then takes a
+token: a loop idling on a quiet listener must not hold the token that a
+client queued on another listener needs.
+
+Running out of file descriptors (or kernel memory) makes ``accept()`` fail
+while the connection stays queued. The loop backs off -- 5 ms doubling to
+1 s, as Go's ``net/http.Server`` does -- and logs ``accept_paused`` once and
+``accept_resumed`` when an accept succeeds again, instead of
+`trio.serve_listeners`' traceback every 100 ms.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from collections.abc import Sequence
+
+import attrs
+import structlog
+import trio
+
+from .config import Config
+from .connection import Connection
+from .listeners import format_address, open_listeners
+
+__all__ = ["Server", "ServerStatistics", "serve"]
+
+# accept(2) errors meaning "the system is out of something": the queued
+# connection is still there, so retry later (trio.serve_listeners' list).
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+# accept(2) errors that concern only the connection being accepted -- it died
+# in the backlog -- so the next accept is fine. This is trio.SocketListener's
+# list (see the literature review in trio/_highlevel_socket.py); we call
+# accept() on the socket ourselves because SocketListener.accept() discards
+# the peer address, which we log even when the peer has already reset.
+_IGNORABLE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
+
+# Go's http.Server: "if max := 1 * time.Second; tempDelay > max".
+_FIRST_BACKOFF_S = 0.005
+_MAX_BACKOFF_S = 1.0
+
+
+@attrs.frozen
+class ServerStatistics:
+    """A snapshot of a server's counters.
+
+    Attributes:
+      active: connections being served now.
+      served: connections that have been served and closed.
+      limit: ``max_connections``.
+      accepting: ``False`` once shutdown has begun.
+
+    """
+
+    active: int
+    served: int
+    limit: int
+    accepting: bool
+
+
+class Server:
+    """A running echo server; what ``await nursery.start(serve, config)`` returns.
+
+    Attributes:
+      listeners: the `trio.SocketListener` objects being served.
+
+    """
+
+    def __init__(self, config: Config, listeners: Sequence[trio.SocketListener]) -> None:
+        self.config = config
+        self.listeners = list(listeners)
+        self._limiter = trio.CapacityLimiter(config.max_connections)
+        self._connections: set[Connection] = set()
+        self._ids = itertools.count(1)
+        self._served = 0
+        self._accept_scope = trio.CancelScope()
+        self._handlers_scope: trio.CancelScope | None = None
+        self._stopping = False
+        self._at_capacity = False
+        self._paused_since: float | None = None
+        self._accept_failures = 0
+        self._log = structlog.get_logger("echosvc")
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every listening address as ``"host:port"`` (``"[::1]:port"`` for IPv6)."""
+        return [format_address(listener.socket.getsockname()) for listener in self.listeners]
+
+    @property
+    def port(self) -> int:
+        """The port of the first listener (all share it when ``serve`` bound them)."""
+        port: int = self.listeners[0].socket.getsockname()[1]
+        return port
+
+    def statistics(self) -> ServerStatistics:
+        """Return a frozen snapshot of the server's counters."""
+        return ServerStatistics(
+            active=int(self._limiter.borrowed_tokens),
+            served=self._served,
+            limit=self.config.max_connections,
+            accepting=not self._stopping,
+        )
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; `serve` returns when it is complete.
+
+        Listeners close at once. Connections waiting for input echo what they
+        have received, their unfinished line included, and close (reason
+        ``shutdown``); a connection in the middle of an echo may finish it.
+        After ``shutdown_grace`` seconds everything left is cancelled.
+        Idempotent. Call it from the Trio thread (from another thread, use
+        ``trio.from_thread.run_sync(server.shutdown)``).
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        self._accept_scope.cancel()
+        for connection in self._connections:
+            connection.stop()
+        assert self._handlers_scope is not None, "shutdown() before serve() started"
+        self._handlers_scope.deadline = trio.current_time() + self.config.shutdown_grace
+
+    async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
+        try:
+            async with trio.open_nursery() as handlers:
+                self._handlers_scope = handlers.cancel_scope
+                with self._accept_scope:
+                    async with trio.open_nursery() as accepting:
+                        for listener in self.listeners:
+                            accepting.start_soon(self._accept_loop, listener, handlers)
+                        task_status.started(self)
+                # Listeners close at once; connections drain in `handlers`.
+                self._close_listeners()
+        finally:
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.socket.close()
+
+    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        sock, limiter = listener.socket, self._limiter
+        delay = _FIRST_BACKOFF_S
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            token = object()
+            if not limiter.available_tokens and not self._at_capacity:
+                self._at_capacity = True
+                self._log.warning(
+                    "capacity_reached", active=limiter.borrowed_tokens, limit=limiter.total_tokens
+                )
+            await limiter.acquire_on_behalf_of(token)
+            try:
+                conn_sock, addr = await sock.accept()
+            except OSError as exc:
+                limiter.release_on_behalf_of(token)
+                if exc.errno in _IGNORABLE_ERRNOS:
+                    continue
+                if exc.errno not in _CAPACITY_ERRNOS:
+                    raise
+                self._note_accept_failure(exc, delay)
+            except BaseException:
+                limiter.release_on_behalf_of(token)
+                raise
+            else:
+                delay = _FIRST_BACKOFF_S
+                if self._paused_since is not None:
+                    self._note_accept_resumed()
+                handlers.start_soon(self._handle, conn_sock, addr, token)
+                continue
+            # Out of descriptors or memory; the connection is still queued.
+            # (The sleep is outside the except block so that a cancellation
+            # arriving during it cannot be mistaken for the accept error.)
+            await trio.sleep(delay)
+            delay = min(delay * 2, _MAX_BACKOFF_S)
+
+    async def _handle(self, sock: trio.socket.SocketType, addr: object, token: object) -> None:
+        try:
+            peer = format_address(addr)  # type: ignore[arg-type]
+            connection = Connection(
+                trio.SocketStream(sock), self.config, conn_id=next(self._ids), peer=peer
+            )
+            self._connections.add(connection)
+            if self._stopping:  # accepted just as shutdown began
+                connection.stop()
+            try:
+                await connection.run()
+            finally:
+                self._connections.discard(connection)
+        finally:
+            sock.close()  # Connection closes it; this covers SocketStream() failing
+            self._served += 1
+            self._limiter.release_on_behalf_of(token)
+            if self._at_capacity and self._limiter.available_tokens:
+                self._at_capacity = False
+
+    def _note_accept_failure(self, exc: OSError, delay: float) -> None:
+        self._accept_failures += 1
+        if self._paused_since is None:
+            self._paused_since = trio.current_time()
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            self._log.warning("accept_paused", error=name, retry_in_s=delay)
+
+    def _note_accept_resumed(self) -> None:
+        assert self._paused_since is not None
+        self._log.info(
+            "accept_resumed",
+            paused_s=round(trio.current_time() - self._paused_since, 6),
+            failures=self._accept_failures,
+        )
+        self._paused_since = None
+        self._accept_failures = 0
+
+
+async def serve(  # noqa: ASYNC128 -- Server._run calls started()
+    config: Config,
+    *,
+    listeners: Sequence[trio.SocketListener] | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve echo on every configured address until shut down or cancelled.
+
+    Use it with ``nursery.start``, which returns the `Server` handle once
+    every listener is live::
+
+        async with trio.open_nursery() as nursery:
+            server: echosvc.Server = await nursery.start(echosvc.serve, config)
+            print(server.addresses)
+            ...
+            server.shutdown()  # graceful; serve() returns when drained
+
+    Args:
+      config: an `echosvc.Config`.
+      listeners: serve these instead of binding ``config.hosts``/``port``
+          (socket activation, or sockets you opened yourself). ``serve`` takes
+          ownership and closes them.
+      task_status: for ``nursery.start``; receives the `Server`.
+
+    Returns:
+      After a graceful `Server.shutdown` has finished.
+
+    Raises:
+      echosvc.BindError: if a configured address cannot be bound; raised
+          before ``nursery.start`` returns.
+
+    Resource handling:
+      Cancelling the surrounding scope stops everything promptly: listeners
+      and connections are closed, and no task outlives the call.
+
+    """
+    if listeners is None:
+        listeners = await open_listeners(config)
+    await Server(config, listeners)._run(task_status)
