@@ -1,0 +1,3 @@
+from echosvc.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""The systemd service protocol: sd_notify, the watchdog and socket activation.
+
+A leaf: plain sockets and the environment, no Trio. `Notifier.send` is
+synchronous and never blocks -- one datagram to ``$NOTIFY_SOCKET``, dropped
+if the socket is full -- so it is safe to call from any task (sd_notify(3)).
+Without ``$NOTIFY_SOCKET`` every call is a no-op, so the daemon calls it
+unconditionally.
+
+Written by hand rather than with a library: the protocol is one datagram
+(sd_notify(3)); ``sdnotify`` is unmaintained since 2017 and blocks on send;
+``systemd-python`` needs libsystemd headers and a compiler to install and
+offers nothing Trio can await. See the README.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import MutableMapping
+
+__all__ = ["Notifier", "listen_sockets", "watchdog_interval"]
+
+# sd_listen_fds(3): passed sockets start at fd 3.
+LISTEN_FDS_START = 3
+
+
+class Notifier:
+    """Sends state changes to the service manager.
+
+    Args:
+      environ: where ``$NOTIFY_SOCKET`` is read; `os.environ` by default.
+
+    """
+
+    def __init__(self, environ: MutableMapping[str, str] = os.environ) -> None:
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address.startswith("@"):  # abstract namespace
+            address = "\0" + address[1:]
+        self._address = address
+        self._sock: socket.socket | None = None
+        if address:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def send(self, *assignments: str) -> bool:
+        """Send ``"READY=1"``, ``"STATUS=..."`` etc. as one message.
+
+        Returns ``False`` if the message could not be delivered (no notify
+        socket, the manager's queue is full, or the socket is gone).
+        """
+        if self._sock is None:
+            return False
+        try:
+            self._sock.sendto("\n".join(assignments).encode(), self._address)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def watchdog_interval(environ: MutableMapping[str, str] = os.environ) -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings (half of ``$WATCHDOG_USEC``), or None.
+
+    None when the unit sets no ``WatchdogSec=``, or when ``$WATCHDOG_PID``
+    names another process.
+    """
+    usec = environ.get("WATCHDOG_USEC")
+    pid = environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        microseconds = int(usec)
+    except ValueError:
+        return None
+    return microseconds / 2 / 1_000_000 if microseconds > 0 else None
+
+
+def listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socket.socket]:
+    """Take the sockets systemd passed us (``$LISTEN_FDS``), if any are for us.
+
+    Consumes ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` from
+    ``environ`` so that child processes do not think they were activated.
+
+    Raises:
+      ValueError: ``$LISTEN_FDS`` is malformed, or an fd is not a socket.
+
+    """
+    pid = environ.pop("LISTEN_PID", None)
+    count = environ.pop("LISTEN_FDS", None)
+    environ.pop("LISTEN_FDNAMES", None)
+    if pid is None or count is None or pid != str(os.getpid()):
+        return []
+    try:
+        n = int(count)
+    except ValueError:
+        raise ValueError(f"LISTEN_FDS={count!r} is not a number") from None
+    sockets = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + n):
+        os.set_inheritable(fd, False)
+        try:
+            sockets.append(socket.socket(fileno=fd))
+        except OSError as exc:
+            raise ValueError(f"inherited fd {fd} is not a socket: {exc.strerror}") from None
+    return sockets
