@@ -7,9 +7,10 @@ Without ``$NOTIFY_SOCKET`` every call is a no-op, so the daemon calls it
 unconditionally.
 
 Written by hand rather than with a library: the protocol is one datagram
-(sd_notify(3)); ``sdnotify`` is unmaintained since 2017 and blocks on send;
-``systemd-python`` needs libsystemd headers and a compiler to install and
-offers nothing Trio can await. See the README.
+(sd_notify(3)). ``sdnotify`` (last release 2017) sends on a blocking socket
+and swallows every exception; ``systemd-python`` (last release 2023) is an
+sdist-only C extension that needs libsystemd headers and a compiler. See the
+README.
 """
 
 from __future__ import annotations
