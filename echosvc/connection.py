@@ -1,30 +1,32 @@
 """One connection: echo what the peer sends, under deadlines, until a reason to stop.
 
 This is the goroutine of the Go original. Go arms ``conn.SetReadDeadline``
-before every ``ReadString('\\n')``; here one cancel scope per connection
-carries the deadline of whatever the handler is waiting for, and its
-``deadline`` moves instead of a fresh ``move_on_after`` per line:
+before every ``ReadString('\\n')``; here the handler keeps the read deadline
+of the line it is waiting for and a cancel scope enforces it:
 
-* while reading, the scope's deadline is the *read* deadline of the next
-  line, armed when the previous line's echo completed (or at accept), so the
-  whole line must arrive in time and a trickling client is cut off;
-* while echoing, it is the *write* deadline of that echo, so a client that
-  never reads cannot pin the handler, and neither the read deadline nor a
-  graceful shutdown can cut an echo in half: `Connection.stop` cancels the
-  scope only while the handler is waiting for input, and otherwise lets the
-  echo finish first.
+* the deadline of the next line is armed when the previous line's echo has
+  been handed to the kernel (or at accept), so the whole line must arrive in
+  time and a trickling client is cut off;
+* an echo runs under its own *write* deadline, so a client that never reads
+  cannot pin the handler, and neither the read deadline nor a graceful
+  shutdown cuts an echo in half: `Connection.stop` cancels the scope only
+  while the handler is waiting for input, and otherwise lets the echo finish.
 
-When the scope catches its cancellation, what the handler was doing names the
+When a scope catches its cancellation, what the handler was doing names the
 reason, in one place (`Connection._reason_for_cancel`). Everything the peer
 sends is echoed byte-exact; the framer (`echosvc.framing`) decides where lines
 end and enforces the line limit, and several lines that arrive together leave
-in one ``send_all``.
+in one send.
 
 The handler only ever uses the `trio.abc.Stream` interface, so it serves TLS
-streams, memory streams and anything else as well as TCP sockets.
+streams, memory streams and anything else as well as TCP sockets; with the
+server's own `EchoSocketStream` it hands the echo to the kernel without a
+trip through the scheduler.
 """
 
 from __future__ import annotations
+
+import math
 
 import attrs
 import structlog
@@ -32,6 +34,7 @@ import trio
 
 from .config import CloseReason, Config, Mode, seconds_or_never
 from .framing import LineFramer
+from .socketstream import EchoSocketStream
 
 __all__ = ["Connection", "ConnectionStats", "handle_stream"]
 
@@ -74,6 +77,24 @@ class Connection:
 
     """
 
+    # Ten thousand idle connections are ten thousand of these.
+    __slots__ = (
+        "_config",
+        "_read_deadline",
+        "_read_s",
+        "_scope",
+        "_send_nowait",
+        "_stopping",
+        "_stream",
+        "_write_s",
+        "_writing",
+        "bytes_in",
+        "bytes_out",
+        "conn_id",
+        "lines",
+        "peer",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -89,6 +110,12 @@ class Connection:
         self.lines = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self._read_s = seconds_or_never(config.read_timeout)
+        self._write_s = seconds_or_never(config.write_timeout)
+        self._read_deadline = math.inf
+        # The server's own sockets can take an echo without a trip through
+        # the scheduler or a deadline: see echosvc.socketstream.
+        self._send_nowait = stream.send_nowait if isinstance(stream, EchoSocketStream) else None
         # The scope exists before run() so that stop() works at any time.
         self._scope = trio.CancelScope()
         self._writing = False
@@ -122,16 +149,16 @@ class Connection:
           The stream is always closed before this returns or raises.
 
         """
-        log = structlog.get_logger("echosvc").bind(conn_id=self.conn_id, peer=self.peer)
-        log.debug("connection_opened")
+        # Not kept in a local: a logger held for the life of every idle
+        # connection is memory spent on nothing.
+        structlog.get_logger("echosvc").debug(
+            "connection_opened", conn_id=self.conn_id, peer=self.peer
+        )
         started = trio.current_time()
         reason = CloseReason.ERROR
         error: Exception | None = None
         try:
-            if self._config.mode is Mode.LINE:
-                reason = await self._echo_lines()
-            else:
-                reason = await self._echo_stream()
+            reason = await self._echo()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reason = CloseReason.RESET
         except Exception as exc:  # noqa: BLE001 -- contained here, logged with its traceback
@@ -149,81 +176,78 @@ class Connection:
                 bytes_out=self.bytes_out,
                 duration_s=round(trio.current_time() - started, 6),
             )
-            fields = attrs.asdict(stats, filter=lambda a, _: a.name not in ("conn_id", "peer"))
+            log = structlog.get_logger("echosvc")
             if error is None:
-                log.info("connection_closed", **fields)
+                log.info("connection_closed", **attrs.asdict(stats))
             else:
-                log.error("connection_closed", **fields, exc_info=error)
+                log.error("connection_closed", **attrs.asdict(stats), exc_info=error)
             if reason in _GRACEFUL:
                 await self._stream.aclose()
             else:
                 await trio.aclose_forcefully(self._stream)
         return stats
 
-    async def _echo_lines(self) -> CloseReason:
-        stream, scope = self._stream, self._scope
-        framer = LineFramer(self._config.max_line_bytes)
-        read_s = seconds_or_never(self._config.read_timeout)
-        write_s = seconds_or_never(self._config.write_timeout)
-        reason = CloseReason.EOF
-        scope.deadline = trio.current_time() + read_s
-        with scope:
-            while True:
-                data = await stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    break
-                self.bytes_in += len(data)
-                batch = framer.feed(data)
-                if batch:
-                    self._writing = True
-                    scope.deadline = trio.current_time() + write_s
-                    await stream.send_all(batch)
-                    self._writing = False
-                    self.bytes_out += len(batch)
-                    self.lines += batch.count(b"\n")
-                    if self._stopping:
-                        reason = CloseReason.SHUTDOWN
+    async def _echo(self) -> CloseReason:
+        stream, send_nowait = self._stream, self._send_nowait
+        framer = LineFramer(self._config.max_line_bytes) if self._config.mode is Mode.LINE else None
+        read_s = self._read_s
+        reason: CloseReason | None = None
+        self._read_deadline = trio.current_time() + read_s
+        while reason is None:
+            scope = self._scope
+            scope.deadline = self._read_deadline
+            with scope:
+                while True:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        reason = CloseReason.EOF
                         break
-                    # SetReadDeadline for the next line: its clock starts now.
-                    scope.deadline = trio.current_time() + read_s
-                if framer.too_long:
-                    return CloseReason.LINE_TOO_LONG
-        if scope.cancelled_caught:
-            reason = self._reason_for_cancel()
-        if reason in (CloseReason.EOF, CloseReason.SHUTDOWN):
+                    self.bytes_in += len(data)
+                    batch = data if framer is None else framer.feed(data)
+                    if batch:
+                        sent = send_nowait(batch) if send_nowait else 0
+                        if sent < len(batch):
+                            await self._send_rest(batch, sent)
+                        self.bytes_out += len(batch)
+                        if framer is not None:
+                            self.lines += batch.count(b"\n")
+                        if self._stopping:
+                            reason = CloseReason.SHUTDOWN
+                            break
+                        # SetReadDeadline for the next line (stream mode: an
+                        # idle timeout).
+                        self._read_deadline = trio.current_time() + read_s
+                        scope.deadline = self._read_deadline
+                    if framer is not None and framer.too_long:
+                        reason = CloseReason.LINE_TOO_LONG
+                        break
+            if scope.cancelled_caught:
+                reason = self._reason_for_cancel()
+                if reason is None:  # the scope's deadline lagged behind the line's
+                    self._scope = trio.CancelScope()
+        if framer is not None and reason in (CloseReason.EOF, CloseReason.SHUTDOWN):
             return await self._finish(framer.flush(), reason)
-        # Go's ReadString hands back the unfinished line with the timeout
-        # error and the handler returns: the fragment is not echoed.
+        # After a read timeout Go's ReadString hands back the unfinished line
+        # with the error and the handler returns: the fragment is not echoed.
         return reason
 
-    async def _echo_stream(self) -> CloseReason:
-        stream, scope = self._stream, self._scope
-        read_s = seconds_or_never(self._config.read_timeout)
-        write_s = seconds_or_never(self._config.write_timeout)
-        scope.deadline = trio.current_time() + read_s
-        with scope:
-            while True:
-                data = await stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    return CloseReason.EOF
-                self.bytes_in += len(data)
-                self._writing = True
-                scope.deadline = trio.current_time() + write_s
-                await stream.send_all(data)
-                self._writing = False
-                self.bytes_out += len(data)
-                if self._stopping:
-                    return CloseReason.SHUTDOWN
-                # In stream mode the read deadline is an idle timeout.
-                scope.deadline = trio.current_time() + read_s
-        return self._reason_for_cancel()
+    async def _send_rest(self, data: bytes | bytearray, sent: int) -> None:
+        """Send ``data[sent:]``, waiting as needed, under the write deadline."""
+        self._writing = True
+        self._scope.deadline = trio.current_time() + self._write_s
+        await self._stream.send_all(memoryview(data)[sent:] if sent else data)
+        self._writing = False
+        # Back to reading, at a deadline no later than the next line's.
+        self._scope.deadline = trio.current_time() + self._read_s
 
-    def _reason_for_cancel(self) -> CloseReason:
-        """Name the deadline or request that cancelled the connection's scope."""
+    def _reason_for_cancel(self) -> CloseReason | None:
+        """Name what cancelled the connection's scope; None if nothing did yet."""
         if self._writing:
             return CloseReason.WRITE_TIMEOUT
         if self._stopping:
             return CloseReason.SHUTDOWN
+        if trio.current_time() < self._read_deadline:
+            return None
         return CloseReason.READ_TIMEOUT
 
     async def _finish(self, rest: bytes, reason: CloseReason) -> CloseReason:
@@ -231,7 +255,7 @@ class Connection:
         if not rest:
             return reason
         self._writing = True
-        with trio.move_on_after(seconds_or_never(self._config.write_timeout)) as scope:
+        with trio.move_on_after(self._write_s) as scope:
             await self._stream.send_all(rest)
         if scope.cancelled_caught:
             return CloseReason.WRITE_TIMEOUT

@@ -36,6 +36,7 @@ import trio
 from .config import Config
 from .connection import Connection
 from .listeners import format_address, open_listeners
+from .socketstream import EchoSocketStream
 
 __all__ = ["Server", "ServerStatistics", "serve"]
 
@@ -69,6 +70,8 @@ _IGNORABLE_ERRNOS = frozenset(
     )
     if hasattr(errno, name)
 )
+
+_TASK_NAME = "echosvc connection"
 
 # Go's http.Server: "if max := 1 * time.Second; tempDelay > max".
 _FIRST_BACKOFF_S = 0.005
@@ -201,7 +204,8 @@ class Server:
                 delay = _FIRST_BACKOFF_S
                 if self._paused_since is not None:
                     self._note_accept_resumed()
-                handlers.start_soon(self._handle, conn_sock, addr, token)
+                # A constant name: trio would format a new string per task.
+                handlers.start_soon(self._handle, conn_sock, addr, token, name=_TASK_NAME)
                 continue
             # Out of descriptors or memory; the connection is still queued.
             # (The sleep is outside the except block so that a cancellation
@@ -211,10 +215,13 @@ class Server:
 
     async def _handle(self, sock: trio.socket.SocketType, addr: object, token: object) -> None:
         try:
-            peer = format_address(addr)  # type: ignore[arg-type]
             connection = Connection(
-                trio.SocketStream(sock), self.config, conn_id=next(self._ids), peer=peer
+                EchoSocketStream.from_trio_socket(sock),
+                self.config,
+                conn_id=next(self._ids),
+                peer=format_address(addr),  # type: ignore[arg-type]
             )
+            del sock, addr  # the stream owns the descriptor now
             self._connections.add(connection)
             if self._stopping:  # accepted just as shutdown began
                 connection.stop()
@@ -223,7 +230,6 @@ class Server:
             finally:
                 self._connections.discard(connection)
         finally:
-            sock.close()  # Connection closes it; this covers SocketStream() failing
             self._served += 1
             self._limiter.release_on_behalf_of(token)
             if self._at_capacity and self._limiter.available_tokens:

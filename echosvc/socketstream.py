@@ -1,0 +1,146 @@
+"""The stream the server wraps around the connections it accepts.
+
+`trio.SocketStream` is correct for every use, and pays for it on each call
+(trio/_highlevel_socket.py, trio/_socket.py: ``_nonblocking_helper``):
+
+* ``receive_some`` tries ``recv()`` first and only then waits for the socket
+  to become readable. In request/response traffic the peer has not answered
+  yet when the echo loop reads again, so the first ``recv()`` fails with
+  EAGAIN: a wasted syscall and a raised ``BlockingIOError`` per line.
+* ``send_all`` yields to the scheduler after every send, even when the kernel
+  took every byte at once -- a full trip through the run loop per echo.
+* both go through two async context managers and a generator-based one that
+  translates ``OSError`` into ``BrokenResourceError``.
+
+`EchoSocketStream` is the same contract with the cheap path taken:
+``receive_some`` waits for readability first and then reads once (in
+pipelined traffic data is usually there and the wait returns at the next
+scheduler pass); `send_nowait` hands the kernel what it will take without
+blocking, which for an echo is nearly always everything; errors are mapped
+with a plain ``except``. Each call to ``receive_some`` is still a full
+checkpoint, so an echo loop that reads after every echo yields once per
+iteration, and ``send_all`` still waits (and is cancellable) when the
+socket is full. Like `trio.SocketStream` it sets ``TCP_NODELAY`` and
+``TCP_NOTSENT_LOWAT`` (16 KiB: a peer that stops reading costs at most that
+much unsent data in the kernel before the write deadline is what waits).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from contextlib import suppress
+
+import trio
+
+__all__ = ["EchoSocketStream"]
+
+# trio.SocketStream's value (python-trio/trio#72).
+NOTSENT_LOWAT = 2**14
+
+_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+def _translate(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("this socket was already closed")
+    broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
+    broken.__cause__ = exc
+    return broken
+
+
+class EchoSocketStream(trio.abc.HalfCloseableStream):
+    """A connected TCP socket as a Trio stream, tuned for an echo loop.
+
+    Args:
+      sock: a connected stream socket; the stream takes ownership and makes
+          it non-blocking.
+
+    """
+
+    __slots__ = ("_did_send_eof", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        with suppress(OSError):  # not on AF_UNIX
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            with suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        self._sock = sock
+        self._did_send_eof = False
+
+    @classmethod
+    def from_trio_socket(cls, sock: trio.socket.SocketType) -> EchoSocketStream:
+        """Take over a socket that `trio.socket` accepted."""
+        plain = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        try:
+            return cls(plain)
+        except BaseException:
+            plain.close()
+            raise
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the kernel takes without blocking; return how many bytes.
+
+        Not a checkpoint: the caller's next ``receive_some`` is.
+        """
+        if self._did_send_eof:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _translate(exc) from None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sent = self.send_nowait(data)
+        if sent == len(data):
+            return
+        with memoryview(data) as view:
+            while sent < len(view):
+                await self.wait_send_all_might_not_block()
+                sent += self.send_nowait(view[sent:])
+
+    async def wait_send_all_might_not_block(self) -> None:
+        try:
+            await trio.lowlevel.wait_writable(self._sock)
+        except OSError as exc:  # pragma: no cover -- epoll refused the fd
+            raise _translate(exc) from None
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._did_send_eof:
+            return
+        self._did_send_eof = True
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise _translate(exc) from None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        size = 65536 if max_bytes is None else max_bytes
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(self._sock)
+                return self._sock.recv(size)
+            except BlockingIOError:
+                continue  # readable, then not: another reader raced us
+            except OSError as exc:
+                raise _translate(exc) from None
+
+    async def aclose(self) -> None:
+        if self._sock.fileno() != -1:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Close at once, without a checkpoint (for ``finally`` blocks)."""
+        if self._sock.fileno() != -1:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
