@@ -12,6 +12,17 @@ of the line it is waiting for and a cancel scope enforces it:
   shutdown cuts an echo in half: `Connection.stop` cancels the scope only
   while the handler is waiting for input, and otherwise lets the echo finish.
 
+Arming a deadline per line costs a float: the cancel scope's own deadline
+*lags*. Moving ``CancelScope.deadline`` costs a generator context manager
+and a heap push in Trio's run loop, several microseconds -- a tenth of the
+CPU an echo takes -- so after each echo only the handler's ``_read_deadline``
+moves. When the scope's older deadline fires, the handler compares the clock
+with the line's real deadline: if that is still ahead, it waits on under a
+fresh scope armed at the real deadline (once per ``read_timeout`` at most,
+and only for connections that kept sending); otherwise the line is late. A
+cancelled wait for input loses nothing (Trio's receive is cancel-safe), so
+the early wake-up is invisible and the deadline is exact.
+
 When a scope catches its cancellation, what the handler was doing names the
 reason, in one place (`Connection._reason_for_cancel`). Everything the peer
 sends is echoed byte-exact; the framer (`echosvc.framing`) decides where lines
@@ -215,9 +226,8 @@ class Connection:
                             reason = CloseReason.SHUTDOWN
                             break
                         # SetReadDeadline for the next line (stream mode: an
-                        # idle timeout).
+                        # idle timeout). The scope catches up lazily.
                         self._read_deadline = trio.current_time() + read_s
-                        scope.deadline = self._read_deadline
                     if framer is not None and framer.too_long:
                         reason = CloseReason.LINE_TOO_LONG
                         break
