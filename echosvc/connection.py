@@ -247,8 +247,9 @@ class Connection:
         self._scope.deadline = trio.current_time() + self._write_s
         await self._stream.send_all(memoryview(data)[sent:] if sent else data)
         self._writing = False
-        # Back to reading, at a deadline no later than the next line's.
-        self._scope.deadline = trio.current_time() + self._read_s
+        if self._write_s > self._read_s:
+            # The scope may lag behind the next line's deadline, never pass it.
+            self._scope.deadline = trio.current_time() + self._read_s
 
     def _reason_for_cancel(self) -> CloseReason | None:
         """Name what cancelled the connection's scope; None if nothing did yet."""

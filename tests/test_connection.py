@@ -239,6 +239,22 @@ async def test_the_next_lines_deadline_starts_when_its_predecessor_was_echoed(
     assert handler.ended_at == pytest.approx(start_time + 100 + 300)
 
 
+async def test_a_read_deadline_shorter_than_the_write_deadline_is_not_delayed_by_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.lockstep_stream_pair()
+    start_time = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        handler = start(nursery, server, Config(read_timeout=10, write_timeout=100))
+        await client.send_all(b"slowly read\n")
+        await trio.sleep(50)
+        assert await receive_exactly(client, 12) == b"slowly read\n"
+        assert await receive_until_eof(client) == b""
+    assert handler.stats is not None
+    assert handler.stats.reason is CloseReason.READ_TIMEOUT
+    assert handler.ended_at == pytest.approx(start_time + 50 + 10)
+
+
 async def test_a_zero_read_timeout_waits_forever(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
