@@ -146,14 +146,16 @@ async def test_a_peer_that_resets_is_logged_as_reset_with_its_address() -> None:
 async def test_a_chatty_client_outlives_many_read_timeouts_and_an_idle_one_does_not() -> None:
     """Each line gets read_timeout from the previous echo, on the fast socket path."""
     with trio.fail_after(TIME_LIMIT), captured_logs() as logs:
-        async with running(Config(port=0, read_timeout=0.4)) as server:
-            async with await connect(server) as client:
-                for i in range(8):  # 1.6 s in all, four read timeouts' worth
-                    await trio.sleep(0.2)
-                    await round_trip(client, b"%d\n" % i)
-                last_echo = trio.current_time()
-                assert await receive_until_eof(client) == b""
-                closed_after = trio.current_time() - last_echo
+        async with (
+            running(Config(port=0, read_timeout=0.4)) as server,
+            await connect(server) as client,
+        ):
+            for i in range(8):  # 1.6 s in all, four read timeouts' worth
+                await trio.sleep(0.2)
+                await round_trip(client, b"%d\n" % i)
+            last_echo = trio.current_time()
+            assert await receive_until_eof(client) == b""
+            closed_after = trio.current_time() - last_echo
     [closed] = closed_events(logs)
     assert closed["reason"] == "read_timeout"
     assert closed["lines"] == 8
