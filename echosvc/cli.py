@@ -8,12 +8,13 @@ is a usage error (exit status 2) that names the flag.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import trio
 import typer
 
-from . import daemon
+from . import daemon, supervisor
 from ._version import __version__
 from .client import ProbeError, probe
 from .config import Config, ConfigError, LogFormat, LogLevel, Mode
@@ -105,6 +106,14 @@ def serve(
             envvar="ECHOSVC_BACKLOG", help="Listen backlog.", show_default="the system maximum"
         ),
     ] = None,
+    workers: Annotated[
+        str,
+        typer.Option(
+            envvar="ECHOSVC_WORKERS",
+            metavar="N|auto",
+            help="Processes sharing the port; auto: one per CPU available.",
+        ),
+    ] = str(_DEFAULTS.workers),
     log_format: Annotated[
         LogFormat,
         typer.Option(envvar="ECHOSVC_LOG_FORMAT", help="auto: console on a TTY, else JSON."),
@@ -125,6 +134,7 @@ def serve(
             max_connections=max_connections,
             shutdown_grace=shutdown_grace,
             backlog=backlog,
+            workers=_parse_workers(workers),
             log_format=log_format,
             log_level=log_level,
         )
@@ -134,7 +144,17 @@ def serve(
         getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
         for name in ("host", "port")
     )
-    raise typer.Exit(daemon.run(config, address_given=address_given))
+    run = supervisor.run if config.workers > 1 else daemon.run
+    raise typer.Exit(run(config, address_given=address_given))
+
+
+def _parse_workers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0))
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError("workers", f"must be a whole number or auto, not {value!r}") from None
 
 
 def _param_hint(ctx: typer.Context, field: str) -> str:

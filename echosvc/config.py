@@ -126,8 +126,9 @@ class Config:
     """Everything that decides how echosvc behaves.
 
     The defaults are DESIGN.md's. A timeout of ``0`` disables that deadline.
-    ``log_format`` and ``log_level`` are read only by the daemon
-    (`echosvc.daemon`): the library never configures logging.
+    ``workers``, ``log_format`` and ``log_level`` are read only by the
+    daemon (`echosvc.daemon`, `echosvc.supervisor`): the library serves in
+    the process and task it is given, and never configures logging.
 
     Raises:
       ConfigError: if any value is out of range; its ``field`` names the
@@ -148,12 +149,31 @@ class Config:
     backlog: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_at_least_one)
     )
+    workers: int = attrs.field(default=1, validator=_at_least_one)
     log_format: LogFormat = attrs.field(default=LogFormat.AUTO, converter=_log_format)
     log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=_log_level)
 
     def evolve(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated."""
         return attrs.evolve(self, **changes)
+
+
+def environment_for(config: Config) -> dict[str, str]:
+    """``config`` as ``ECHOSVC_*`` variables: ``ECHOSVC_`` + the field name.
+
+    (``hosts`` is ``ECHOSVC_HOST``, comma separated; an unset backlog is
+    left out.) The CLI names its variables by the same rule.
+    """
+    environ = {}
+    for field in attrs.fields(Config):
+        value = getattr(config, field.name)
+        if value is None:
+            continue
+        if field.name == "hosts":
+            environ["ECHOSVC_HOST"] = ",".join(value)
+        else:
+            environ[f"ECHOSVC_{field.name.upper()}"] = str(value)
+    return environ
 
 
 def seconds_or_never(timeout: float) -> float:

@@ -1,16 +1,21 @@
 """The process around the server: logs, limits, signals and the service manager.
 
-Everything process-global lives here and only here (the library touches
-none of it): structlog's configuration, ``RLIMIT_NOFILE``, signal handling,
-``$LISTEN_FDS`` and ``$NOTIFY_SOCKET``.
+Everything process-global lives here and in `echosvc.supervisor` (the
+library touches none of it): structlog's configuration, ``RLIMIT_NOFILE``,
+signal handling, ``$LISTEN_FDS`` and ``$NOTIFY_SOCKET``.
 
-Lifecycle: bind (or adopt systemd's sockets) before anything else, so a bind
+Lifecycle: bind (or adopt inherited sockets) before anything else, so a bind
 failure is one line and exit status 1; start `echosvc.serve`; log
 ``listening`` and send ``READY=1``. The first SIGTERM or SIGINT logs
 ``shutdown_started``, sends ``STOPPING=1`` and calls `Server.shutdown`; the
 process exits 0 once the connections have drained. A second signal cancels
 everything at once and the process exits 1. ``STATUS=`` and ``WATCHDOG=1``
 are sent until the very end, through the shutdown grace.
+
+A worker started by `echosvc.supervisor` is this same daemon with two
+differences, both set through the environment by its supervisor: it binds
+with ``SO_REUSEPORT`` (or adopts the sockets the supervisor passed), and its
+notify socket is the supervisor's, to which it also reports its counters.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import socket
 import sys
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 import structlog
@@ -29,10 +36,11 @@ from .config import Config
 from .listeners import BindError, adopt_listeners, open_listeners
 from .server import Server, serve
 
-__all__ = ["raise_open_files_limit", "run"]
+__all__ = ["raise_open_files_limit", "run", "stop_on_signals", "take_inherited_sockets"]
 
-# How often STATUS= may change: systemctl status is read by people.
-STATUS_INTERVAL_S = 1.0
+# Set by the supervisor for its workers; not for people.
+WORKER_ENV = "_ECHOSVC_WORKER"
+LISTEN_FDS_ENV = "_ECHOSVC_LISTEN_FDS"
 
 
 def raise_open_files_limit() -> int:
@@ -46,45 +54,76 @@ def raise_open_files_limit() -> int:
     return hard
 
 
+def take_inherited_sockets() -> list[socket.socket]:
+    """The listening sockets a supervisor or systemd passed us, if any.
+
+    Raises:
+      ValueError: the variables describing them are malformed.
+
+    """
+    fds = os.environ.pop(LISTEN_FDS_ENV, None)
+    if fds:
+        try:
+            numbers = [int(fd) for fd in fds.split(",")]
+        except ValueError:
+            raise ValueError(f"{LISTEN_FDS_ENV}={fds!r} is not a list of descriptors") from None
+        return systemd.sockets_from_fds(numbers)
+    return systemd.listen_sockets()
+
+
 def run(config: Config, *, address_given: bool = False) -> int:
     """Run the service in this process until it is stopped; return the exit status.
 
     Args:
       config: the service configuration; ``log_format``/``log_level`` apply.
+          ``workers`` is the supervisor's business (`echosvc.supervisor`).
       address_given: ``--host``/``--port`` were set explicitly; with
           socket activation they are ignored, and that deserves a warning.
 
     """
-    logs.configure(config.log_format, config.log_level)
+    index = os.environ.pop(WORKER_ENV, None)
+    worker = int(index) if index is not None else None
+    logs.configure(config.log_format, config.log_level, worker=worker)
     raise_open_files_limit()
-    return trio.run(_main, config, address_given)
+    try:
+        inherited = take_inherited_sockets()
+    except ValueError as exc:
+        print(f"echosvc: {exc}", file=sys.stderr)
+        return 1
+    return trio.run(_main, config, inherited, address_given, worker)
 
 
-async def _main(config: Config, address_given: bool) -> int:
+async def _main(
+    config: Config, inherited: list[socket.socket], address_given: bool, worker: int | None
+) -> int:
     log = structlog.get_logger("echosvc")
     notifier = systemd.Notifier()
     # Signals are ours from the first moment, so a SIGTERM during start-up
     # is a graceful stop too, not a KeyboardInterrupt traceback.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        try:
-            inherited = systemd.listen_sockets()
-            if inherited:
-                listeners = adopt_listeners(inherited)
-                activation = "systemd"
-                if address_given:
-                    log.warning(
-                        "address_ignored",
-                        reason="socket activation: serving the sockets systemd passed",
-                    )
-            else:
-                listeners = await open_listeners(config)
-                activation = "bind"
-        except (BindError, ValueError) as exc:
-            message = exc.strerror if isinstance(exc, BindError) else str(exc)
-            print(f"echosvc: {message}", file=sys.stderr)
-            return 1
+        if inherited:
+            listeners = adopt_listeners(inherited)
+            activation = "systemd"
+            if address_given:
+                log.warning(
+                    "address_ignored",
+                    reason="socket activation: serving the sockets systemd passed",
+                )
+        else:
+            try:
+                listeners = await open_listeners(config, reuse_port=worker is not None)
+            except BindError as exc:
+                print(f"echosvc: {exc.strerror}", file=sys.stderr)
+                return 1
+            activation = "bind"
 
         exit_status = 0
+
+        def force() -> None:
+            nonlocal exit_status
+            exit_status = 1
+            nursery.cancel_scope.cancel()
+
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
                 partial(_serve_then_stop, config, listeners, nursery.cancel_scope)
@@ -96,31 +135,52 @@ async def _main(config: Config, address_given: bool) -> int:
                 pid=os.getpid(),
                 activation=activation,
             )
-            notifier.send("READY=1", _status(server))
+            status = partial(_status, server, counters=worker is not None)
+            notifier.send("READY=1", *status())
             if notifier.enabled:
-                nursery.start_soon(_report_status, notifier, server)
+                nursery.start_soon(systemd.report_status, notifier, status)
             interval = systemd.watchdog_interval()
             if interval is not None and notifier.enabled:
-                nursery.start_soon(_keep_watchdog_fed, notifier, interval)
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if server.statistics().accepting:
-                    stats = server.statistics()
-                    log.info(
-                        "shutdown_started",
-                        signal=name,
-                        active=stats.active,
-                        grace_s=config.shutdown_grace,
-                    )
-                    notifier.send("STOPPING=1", _status(server))
-                    server.shutdown()
-                else:
-                    log.warning("shutdown_forced", signal=name, active=server.statistics().active)
-                    exit_status = 1
-                    nursery.cancel_scope.cancel()
+                nursery.start_soon(systemd.keep_watchdog_fed, notifier, interval)
+            await stop_on_signals(
+                signals,
+                notifier,
+                active=lambda: server.statistics().active,
+                grace_s=config.shutdown_grace,
+                stop=server.shutdown,
+                force=force,
+            )
         log.info("stopped", connections_served=server.statistics().served)
+        notifier.send(*status())  # a supervisor adds up the final counts
         notifier.close()
         return exit_status
+
+
+async def stop_on_signals(
+    signals: AsyncIterator[int],
+    notifier: systemd.Notifier,
+    *,
+    active: Callable[[], int],
+    grace_s: float,
+    stop: Callable[[], None],
+    force: Callable[[], None],
+) -> None:
+    """First SIGTERM/SIGINT: ``stop()`` gracefully; the second: ``force()``.
+
+    Runs until cancelled (by whoever sees the drain finish).
+    """
+    log = structlog.get_logger("echosvc")
+    stopping = False
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not stopping:
+            stopping = True
+            log.info("shutdown_started", signal=name, active=active(), grace_s=grace_s)
+            notifier.send("STOPPING=1")
+            stop()
+        else:
+            log.warning("shutdown_forced", signal=name, active=active())
+            force()
 
 
 async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
@@ -135,24 +195,11 @@ async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
     daemon_scope.cancel()
 
 
-def _status(server: Server) -> str:
+def _status(server: Server, *, counters: bool) -> list[str]:
     stats = server.statistics()
     noun = "connection" if stats.active == 1 else "connections"
     verb = "serving" if stats.accepting else "draining"
-    return f"STATUS={verb} {stats.active} {noun}"
-
-
-async def _report_status(notifier: systemd.Notifier, server: Server) -> None:
-    last = ""
-    while True:
-        status = _status(server)
-        if status != last:
-            notifier.send(status)
-            last = status
-        await trio.sleep(STATUS_INTERVAL_S)
-
-
-async def _keep_watchdog_fed(notifier: systemd.Notifier, interval: float) -> None:
-    while True:
-        notifier.send("WATCHDOG=1")
-        await trio.sleep(interval)
+    status = [f"STATUS={verb} {stats.active} {noun}"]
+    if counters:  # for a supervisor; sd_notify(3) reserves X_ names for this
+        status += [f"X_ECHOSVC_ACTIVE={stats.active}", f"X_ECHOSVC_SERVED={stats.served}"]
+    return status

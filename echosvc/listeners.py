@@ -24,7 +24,13 @@ import trio
 
 from .config import Config
 
-__all__ = ["BindError", "adopt_listeners", "format_address", "open_listeners"]
+__all__ = [
+    "BindError",
+    "adopt_listeners",
+    "format_address",
+    "open_listeners",
+    "reserve_addresses",
+]
 
 # Linux and the BSDs store the backlog in 16 bits and truncate larger values
 # silently; trio and Go both ask for "as many as the kernel allows" this way
@@ -65,27 +71,50 @@ async def open_listeners(config: Config, *, reuse_port: bool = False) -> list[tr
       BindError: a host does not resolve, or an address cannot be bound.
 
     """
-    addresses = await _resolve(config.hosts, config.port)
     backlog = min(config.backlog or MAX_BACKLOG, MAX_BACKLOG)
+    sockets = await _bind_all(config, reuse_port=reuse_port, backlog=backlog)
+    return [trio.SocketListener(sock) for sock in sockets]
+
+
+async def reserve_addresses(config: Config) -> list[trio.socket.SocketType]:
+    """Bind every address of ``config`` with ``SO_REUSEPORT``, without listening.
+
+    The sockets hold the port (and resolve port ``0`` to one port for all
+    addresses) so that worker processes can bind it with ``SO_REUSEPORT``;
+    since they never listen, the kernel never hands them a connection.
+
+    Raises:
+      BindError: as `open_listeners`.
+
+    """
+    return await _bind_all(config, reuse_port=True, backlog=None)
+
+
+async def _bind_all(
+    config: Config, *, reuse_port: bool, backlog: int | None
+) -> list[trio.socket.SocketType]:
+    addresses = await _resolve(config.hosts, config.port)
     for attempt in range(_SHARED_PORT_ATTEMPTS):
-        listeners: list[trio.SocketListener] = []
+        sockets: list[trio.socket.SocketType] = []
         port = config.port
         try:
             for family, sockaddr in addresses:
                 if port != config.port:
                     sockaddr = (sockaddr[0], port, *sockaddr[2:])
-                listeners.append(await _listen(family, sockaddr, backlog, reuse_port=reuse_port))
-                port = listeners[0].socket.getsockname()[1]
+                sockets.append(await _bind(family, sockaddr, reuse_port=reuse_port))
+                if backlog is not None:
+                    sockets[-1].listen(backlog)
+                port = sockets[0].getsockname()[1]
         except BindError as exc:
-            _close(listeners)
-            retry = config.port == 0 and listeners and exc.errno == errno.EADDRINUSE
+            _close(sockets)
+            retry = config.port == 0 and sockets and exc.errno == errno.EADDRINUSE
             if not retry or attempt == _SHARED_PORT_ATTEMPTS - 1:
                 raise
         except BaseException:
-            _close(listeners)
+            _close(sockets)
             raise
         else:
-            return listeners
+            return sockets
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -120,9 +149,9 @@ async def _resolve(hosts: Iterable[str], port: int) -> list[tuple[int, tuple[obj
     return addresses
 
 
-async def _listen(
-    family: int, sockaddr: tuple[object, ...], backlog: int, *, reuse_port: bool
-) -> trio.SocketListener:
+async def _bind(
+    family: int, sockaddr: tuple[object, ...], *, reuse_port: bool
+) -> trio.socket.SocketType:
     sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
     try:
         # Restarting while old connections sit in TIME_WAIT must not fail
@@ -134,7 +163,6 @@ async def _listen(
             # "::" means IPv6 only; "0.0.0.0" is listed separately if wanted.
             sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
         await sock.bind(sockaddr)
-        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -144,9 +172,9 @@ async def _listen(
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return sock
 
 
-def _close(listeners: Iterable[trio.SocketListener]) -> None:
-    for listener in listeners:
-        listener.socket.close()
+def _close(sockets: Iterable[trio.socket.SocketType]) -> None:
+    for sock in sockets:
+        sock.close()

@@ -44,6 +44,17 @@ class _JournalPriorityPrefix:
         return f"<{priority}>{rendered}"
 
 
+class _AddWorker:
+    def __init__(self, worker: int) -> None:
+        self._worker = worker
+
+    def __call__(
+        self, logger: Any, name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event_dict["worker"] = self._worker
+        return event_dict
+
+
 def _lead_with_essentials(
     logger: Any, name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -67,14 +78,26 @@ def logs_to_journal(stream: TextIO, environ: MutableMapping[str, str] = os.envir
         return False
 
 
-def configure(log_format: LogFormat, level: LogLevel, stream: TextIO = sys.stderr) -> None:
-    """Configure structlog for the process: call once, before anything logs."""
+def configure(
+    log_format: LogFormat,
+    level: LogLevel,
+    stream: TextIO = sys.stderr,
+    *,
+    worker: int | None = None,
+) -> None:
+    """Configure structlog for the process: call once, before anything logs.
+
+    ``worker``, when given, is added to every record (``--workers`` processes
+    share one stderr).
+    """
     tty = stream.isatty()
     use_json = log_format is LogFormat.JSON or (log_format is LogFormat.AUTO and not tty)
     processors: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if worker is not None:
+        processors.append(_AddWorker(worker))
     if use_json:
         renderer: structlog.typing.Processor = structlog.processors.JSONRenderer()
         if logs_to_journal(stream):

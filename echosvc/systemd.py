@@ -1,6 +1,6 @@
 """The systemd service protocol: sd_notify, the watchdog and socket activation.
 
-A leaf: plain sockets and the environment, no Trio. `Notifier.send` is
+A leaf: plain sockets and the environment. `Notifier.send` is
 synchronous and never blocks -- one datagram to ``$NOTIFY_SOCKET``, dropped
 if the socket is full -- so it is safe to call from any task (sd_notify(3)).
 Without ``$NOTIFY_SOCKET`` every call is a no-op, so the daemon calls it
@@ -17,9 +17,21 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 
-__all__ = ["Notifier", "listen_sockets", "watchdog_interval"]
+import trio
+
+__all__ = [
+    "Notifier",
+    "keep_watchdog_fed",
+    "listen_sockets",
+    "report_status",
+    "sockets_from_fds",
+    "watchdog_interval",
+]
+
+# How often STATUS= may change: `systemctl status` is read by people.
+STATUS_INTERVAL_S = 1.0
 
 # sd_listen_fds(3): passed sockets start at fd 3.
 LISTEN_FDS_START = 3
@@ -103,11 +115,39 @@ def listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socke
         n = int(count)
     except ValueError:
         raise ValueError(f"LISTEN_FDS={count!r} is not a number") from None
+    return sockets_from_fds(range(LISTEN_FDS_START, LISTEN_FDS_START + n))
+
+
+def sockets_from_fds(fds: Iterable[int]) -> list[socket.socket]:
+    """Socket objects for inherited descriptors (not passed on to children).
+
+    Raises:
+      ValueError: a descriptor is not a socket.
+
+    """
     sockets = []
-    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + n):
-        os.set_inheritable(fd, False)
+    for fd in fds:
         try:
+            os.set_inheritable(fd, False)
             sockets.append(socket.socket(fileno=fd))
         except OSError as exc:
             raise ValueError(f"inherited fd {fd} is not a socket: {exc.strerror}") from None
     return sockets
+
+
+async def report_status(notifier: Notifier, status: Callable[[], list[str]]) -> None:
+    """Send ``status()`` whenever it changes, at most once per second."""
+    last: list[str] = []
+    while True:
+        current = status()
+        if current != last:
+            notifier.send(*current)
+            last = current
+        await trio.sleep(STATUS_INTERVAL_S)
+
+
+async def keep_watchdog_fed(notifier: Notifier, interval: float) -> None:
+    """Send ``WATCHDOG=1`` every ``interval`` seconds, until cancelled."""
+    while True:
+        notifier.send("WATCHDOG=1")
+        await trio.sleep(interval)
