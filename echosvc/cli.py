@@ -1,4 +1,4 @@
-"""The ``echosvc`` command line (typer): ``serve``, ``check``, ``--version``.
+"""The ``echosvc`` command line (typer): ``serve``, ``check``, ``bench``, ``--version``.
 
 Every ``serve`` option has an ``ECHOSVC_*`` environment variable, for
 systemd's ``EnvironmentFile=`` and for containers; a flag beats its variable.
@@ -8,15 +8,20 @@ is a usage error (exit status 2) that names the flag.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
+import rich.console
+import rich.live
+import rich.table
 import trio
 import typer
 
 from . import daemon, supervisor
 from ._version import __version__
-from .client import ProbeError, probe
+from .bench import BenchResult, run_bench, run_child
+from .client import LoadShape, ProbeError, probe
 from .config import Config, ConfigError, LogFormat, LogLevel, Mode
 
 __all__ = ["app", "main"]
@@ -189,6 +194,106 @@ def check(
         typer.echo(f"echosvc check: {target}:{port}: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"ok {target}:{port} round trip {elapsed * 1000:.2f} ms")
+
+
+@app.command()
+def bench(
+    host: Annotated[
+        str, typer.Option(envvar="ECHOSVC_HOST", help="Host to load (the first, if several).")
+    ] = _DEFAULTS.hosts[0],
+    port: Annotated[int, typer.Option(envvar="ECHOSVC_PORT", help="Port to load.")] = (
+        _DEFAULTS.port
+    ),
+    connections: Annotated[int, typer.Option(min=1, help="Connections in all.")] = 50,
+    size: Annotated[
+        int, typer.Option(min=8, max=2**20, help="Bytes per request, newline included.")
+    ] = 64,
+    depth: Annotated[
+        int, typer.Option(min=1, help="Requests in flight per connection (1: request/response).")
+    ] = 1,
+    duration: Annotated[float, typer.Option(min=0.1, help="Measured seconds.")] = 10.0,
+    warmup: Annotated[float, typer.Option(min=0, help="Seconds before measuring.")] = 1.0,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Load-generating processes sharing the connections.")
+    ] = 1,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as one JSON object.")
+    ] = False,
+    child: Annotated[bool, typer.Option(hidden=True)] = False,
+    offset: Annotated[int, typer.Option(hidden=True)] = 0,
+) -> None:
+    """Load an echo server and verify every echo: requests/s, MB/s, latency.
+
+    Exit status 1 if any echo was wrong or any connection failed.
+    """
+    if depth * size > 2**20:
+        raise typer.BadParameter(
+            f"depth x size is {depth * size} bytes in flight per connection; at most 1 MiB",
+            param_hint="'--depth' / '--size'",
+        )
+    shape = LoadShape(
+        connections=connections, size=size, depth=depth, warmup=warmup, duration=duration
+    )
+    target = host.split(",")[0].strip()
+    if child:
+        run_child(target, port, shape, offset)
+        return
+    result = trio.run(_bench_with_progress, target, port, shape, min(processes, connections))
+    summary = result.as_dict()
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        _print_bench_table(target, port, summary)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+async def _bench_with_progress(
+    host: str, port: int, shape: LoadShape, processes: int
+) -> BenchResult:
+    console = rich.console.Console(stderr=True)
+    if not console.is_terminal:
+        return await run_bench(host, port, shape, processes)
+    total = shape.warmup + shape.duration
+    last = [0.0, 0]
+    with rich.live.Live(console=console, auto_refresh=False, transient=True) as live:
+
+        def show(elapsed: float, completed: int) -> None:
+            rate = (completed - last[1]) / max(elapsed - last[0], 1e-9)
+            last[:] = [elapsed, completed]
+            live.update(
+                f"{min(elapsed, total):5.1f}/{total:.1f} s  {rate:12,.0f} req/s  "
+                f"{completed:14,d} echoes verified",
+                refresh=True,
+            )
+
+        return await run_bench(host, port, shape, processes, on_progress=show)
+
+
+def _print_bench_table(host: str, port: int, summary: dict[str, Any]) -> None:
+    table = rich.table.Table(title=f"echosvc bench {host}:{port}", show_header=False)
+    latency = summary["latency_us"]
+    rows = [
+        ("connections", f"{summary['connected']} of {summary['connections']}"),
+        ("request", f"{summary['size']} B, {summary['depth']} in flight per connection"),
+        ("window", f"{summary['duration_s']:g} s after {summary['warmup_s']:g} s warm-up"),
+        ("processes", str(summary["processes"])),
+        ("requests", f"{summary['requests']:,}"),
+        ("requests/s", f"{summary['requests_per_s']:,.0f}"),
+        ("MB/s", f"{summary['mb_per_s']:.2f}"),
+        (
+            "latency p50 / p90 / p99",
+            f"{latency['p50']:,.0f} / {latency['p90']:,.0f} / {latency['p99']:,.0f} µs",
+        ),
+        ("latency p99.9 / max", f"{latency['p999']:,.0f} / {latency['max']:,.0f} µs"),
+        ("mismatches", str(summary["mismatches"])),
+        ("errors", str(summary["errors"])),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    rich.console.Console().print(table)
+    for sample in summary["error_samples"]:
+        typer.echo(f"error: {sample}", err=True)
 
 
 def main() -> None:

@@ -1,21 +1,32 @@
-"""The client side: the health probe behind ``echosvc check``.
+"""The client side: the health probe behind ``echosvc check`` and the load
+model behind ``echosvc bench``.
 
 `probe` connects, sends one random line and expects exactly that line back,
 all under one deadline. It is what a load balancer, a container
 ``HEALTHCHECK`` or a monitoring system should run: it proves the service
 accepts, reads, and echoes, not merely that a port is open.
+
+`generate_load` is one process's share of a benchmark: connections that
+each keep ``depth`` requests of ``size`` bytes in flight, verify every echo
+byte-exact and in order, and record latencies in a mergeable histogram. It
+is the same model as the benchmark harness's native load generator
+(``bench/loadgen``), so the two can be compared.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
+import math
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable, Mapping
 
+import attrs
 import trio
 
-__all__ = ["ProbeError", "probe"]
+__all__ = ["LoadReport", "LoadShape", "ProbeError", "generate_load", "percentile_us", "probe"]
 
 
 class ProbeError(Exception):
@@ -78,3 +89,216 @@ def _describe(exc: OSError) -> str:
     if isinstance(cause, OSError) and cause.errno is not None:
         return os.strerror(cause.errno).lower()
     return str(exc)
+
+
+# --- the load model behind ``echosvc bench`` --------------------------------
+
+# Latencies are kept as a log-linear histogram: 2% wide buckets, so a
+# process's report is small whatever the request count, and reports from
+# several processes merge by adding counts.
+_BUCKET_BASE = 1.02
+_LOG_BASE = math.log(_BUCKET_BASE)
+
+
+def latency_bucket(seconds: float) -> int:
+    """The histogram bucket of a latency (microsecond resolution)."""
+    return int(math.log(max(seconds * 1e6, 1.0)) / _LOG_BASE)
+
+
+def bucket_latency_us(bucket: int) -> float:
+    """The upper edge of a bucket, in microseconds."""
+    return float(_BUCKET_BASE ** (bucket + 1))
+
+
+def percentile_us(histogram: Mapping[int, int], fraction: float) -> float:
+    """The latency below which ``fraction`` of the samples fall (0 if none)."""
+    total = sum(histogram.values())
+    if not total:
+        return 0.0
+    rank = fraction * total
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return bucket_latency_us(bucket)
+    return bucket_latency_us(max(histogram))
+
+
+@attrs.define
+class LoadReport:
+    """What one load process measured inside its window."""
+
+    connected: int = 0
+    requests: int = 0
+    mismatches: int = 0
+    errors: int = 0
+    error_samples: list[str] = attrs.Factory(list)
+    histogram: dict[int, int] = attrs.Factory(dict)
+
+    def add_error(self, message: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(message)
+
+
+@attrs.frozen
+class LoadShape:
+    """The load model: how many connections, how big, how deep, how long."""
+
+    connections: int
+    size: int
+    depth: int
+    warmup: float
+    duration: float
+
+
+def request_line(connection: int, sequence: int, size: int) -> bytes:
+    """Request ``sequence`` of ``connection``: exactly ``size`` bytes, ``\\n`` last.
+
+    The numbers up front make every request distinct, so an echo that is
+    reordered, duplicated or lost shows up as a mismatch.
+    """
+    head = b"%d:%d:" % (connection, sequence)
+    filler = size - 1 - len(head)
+    if filler < 0:
+        return (head * (size // len(head) + 1))[: size - 1] + b"\n"
+    return head + b"x" * filler + b"\n"
+
+
+class _LoadConnection:
+    def __init__(self, index: int, shape: LoadShape, report: LoadReport) -> None:
+        self.index = index
+        self.shape = shape
+        self.report = report
+        self.sequence = 0
+        self.expected = bytearray()
+        self.sent_at: collections.deque[float] = collections.deque()
+        self.completed = 0
+
+    def next_requests(self, count: int, now: float) -> bytes:
+        batch = b"".join(
+            request_line(self.index, self.sequence + i, self.shape.size) for i in range(count)
+        )
+        self.sequence += count
+        self.expected += batch
+        self.sent_at.extend([now] * count)
+        return batch
+
+    async def run(
+        self, stream: trio.abc.Stream, window: tuple[float, float], progress: list[int]
+    ) -> None:
+        start, end = window
+        size = self.shape.size
+        verified = 0
+        await stream.send_all(self.next_requests(self.shape.depth, trio.current_time()))
+        while self.sent_at:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                self.report.add_error(f"connection {self.index}: closed by the server")
+                return
+            if chunk != self.expected[: len(chunk)]:
+                self.report.mismatches += 1
+                self.report.add_error(f"connection {self.index}: echo mismatch")
+                return
+            del self.expected[: len(chunk)]
+            verified += len(chunk)
+            done = verified // size - self.completed
+            if not done:
+                continue
+            self.completed += done
+            now = trio.current_time()
+            for _ in range(done):
+                sent = self.sent_at.popleft()
+                if start <= now < end:
+                    self.report.requests += 1
+                    bucket = latency_bucket(now - sent)
+                    self.report.histogram[bucket] = self.report.histogram.get(bucket, 0) + 1
+            progress[0] += done
+            if now < end:
+                await stream.send_all(self.next_requests(done, now))
+
+
+async def generate_load(
+    host: str,
+    port: int,
+    shape: LoadShape,
+    *,
+    offset: int = 0,
+    wait_for_go: Callable[[], Awaitable[None]] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    patience_s: float = 10.0,
+) -> LoadReport:
+    """Drive ``shape`` against ``host:port`` from this process; verify every echo.
+
+    Connects every connection first, then (after ``wait_for_go``, if given)
+    keeps ``depth`` requests in flight on each for ``warmup + duration``
+    seconds, counting only what completes after the warm-up. Outstanding
+    requests are drained and verified before returning.
+
+    Args:
+      offset: the index of this process's first connection, so that request
+          contents are distinct across processes.
+      on_progress: called about four times a second with the number of
+          requests completed so far.
+      patience_s: seconds allowed to connect, and for the echoes still
+          outstanding when the window closes.
+
+    """
+    report = LoadReport()
+    streams: list[trio.SocketStream] = []
+    try:
+        with trio.move_on_after(patience_s):
+            for _ in range(shape.connections):
+                try:
+                    streams.append(await trio.open_tcp_stream(host, port))
+                except OSError as exc:
+                    report.add_error(f"connect: {_describe(exc)}")
+                    break
+        report.connected = len(streams)
+        if wait_for_go is not None:
+            await wait_for_go()
+        now = trio.current_time()
+        window = (now + shape.warmup, now + shape.warmup + shape.duration)
+        progress = [0]
+        async with trio.open_nursery() as nursery:
+            if on_progress is not None:
+                nursery.start_soon(_report_progress, progress, on_progress)
+            async with trio.open_nursery() as connections:
+                for index, stream in enumerate(streams):
+                    connections.start_soon(
+                        _drive,
+                        _LoadConnection(offset + index, shape, report),
+                        stream,
+                        window,
+                        progress,
+                        patience_s,
+                    )
+            nursery.cancel_scope.cancel()
+        if on_progress is not None:
+            on_progress(progress[0])
+    finally:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+    return report
+
+
+async def _drive(
+    connection: _LoadConnection,
+    stream: trio.abc.Stream,
+    window: tuple[float, float],
+    progress: list[int],
+    patience_s: float,
+) -> None:
+    with trio.move_on_at(window[1] + patience_s) as scope:
+        try:
+            await connection.run(stream, window, progress)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            connection.report.add_error(f"connection {connection.index}: {exc}")
+    if scope.cancelled_caught:
+        connection.report.add_error(f"connection {connection.index}: echoes still missing")
+
+
+async def _report_progress(progress: list[int], on_progress: Callable[[int], None]) -> None:
+    while True:
+        await trio.sleep(0.25)
+        on_progress(progress[0])
