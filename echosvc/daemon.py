@@ -36,7 +36,7 @@ from .config import Config
 from .listeners import BindError, adopt_listeners, open_listeners
 from .server import Server, serve
 
-__all__ = ["raise_open_files_limit", "run", "stop_on_signals", "take_inherited_sockets"]
+__all__ = ["StopControl", "raise_open_files_limit", "run", "take_inherited_sockets"]
 
 # Set by the supervisor for its workers; not for people.
 WORKER_ENV = "_ECHOSVC_WORKER"
@@ -104,7 +104,7 @@ async def _main(
         if inherited:
             listeners = adopt_listeners(inherited)
             activation = "systemd"
-            if address_given:
+            if address_given and worker is None:  # a supervisor set them, and warned
                 log.warning(
                     "address_ignored",
                     reason="socket activation: serving the sockets systemd passed",
@@ -119,7 +119,7 @@ async def _main(
 
         exit_status = 0
 
-        def force() -> None:
+        def force(_: str | None) -> None:
             nonlocal exit_status
             exit_status = 1
             nursery.cancel_scope.cancel()
@@ -142,45 +142,88 @@ async def _main(
             interval = systemd.watchdog_interval()
             if interval is not None and notifier.enabled:
                 nursery.start_soon(systemd.keep_watchdog_fed, notifier, interval)
-            await stop_on_signals(
-                signals,
+            control = StopControl(
                 notifier,
                 active=lambda: server.statistics().active,
                 grace_s=config.shutdown_grace,
-                stop=server.shutdown,
+                stop=lambda _: server.shutdown(),
                 force=force,
             )
+            if worker is not None:
+                orders = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+                nursery.start_soon(control.watch_supervisor, orders)
+            await control.watch_signals(signals)
         log.info("stopped", connections_served=server.statistics().served)
         notifier.send(*status())  # a supervisor adds up the final counts
         notifier.close()
         return exit_status
 
 
-async def stop_on_signals(
-    signals: AsyncIterator[int],
-    notifier: systemd.Notifier,
-    *,
-    active: Callable[[], int],
-    grace_s: float,
-    stop: Callable[[], None],
-    force: Callable[[], None],
-) -> None:
-    """First SIGTERM/SIGINT: ``stop()`` gracefully; the second: ``force()``.
+class StopControl:
+    """Turns stop requests into one graceful stop, then a forced one.
 
-    Runs until cancelled (by whoever sees the drain finish).
+    Requests come from signals (SIGTERM, SIGINT) and, in a worker, from the
+    supervisor over stdin. The first request logs ``shutdown_started``,
+    sends ``STOPPING=1`` and calls ``stop``; a second *signal* logs
+    ``shutdown_forced`` and calls ``force``.
     """
-    log = structlog.get_logger("echosvc")
-    stopping = False
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if not stopping:
-            stopping = True
-            log.info("shutdown_started", signal=name, active=active(), grace_s=grace_s)
-            notifier.send("STOPPING=1")
-            stop()
-        else:
-            log.warning("shutdown_forced", signal=name, active=active())
-            force()
+
+    def __init__(
+        self,
+        notifier: systemd.Notifier,
+        *,
+        active: Callable[[], int],
+        grace_s: float,
+        stop: Callable[[str | None], None],
+        force: Callable[[str | None], None],
+    ) -> None:
+        self._notifier = notifier
+        self._active = active
+        self._grace_s = grace_s
+        self._stop = stop
+        self._force = force
+        self._log = structlog.get_logger("echosvc")
+        self.stopping = False
+
+    def request(self, signal_name: str | None, *, escalate: bool = True) -> None:
+        """A stop request; ``escalate=False`` never turns it into a forced stop."""
+        if not self.stopping:
+            self.stopping = True
+            self._log.info(
+                "shutdown_started", signal=signal_name, active=self._active(), grace_s=self._grace_s
+            )
+            self._notifier.send("STOPPING=1")
+            self._stop(signal_name)
+        elif escalate:
+            self._log.warning("shutdown_forced", signal=signal_name, active=self._active())
+            self._force(signal_name)
+
+    async def watch_signals(self, signals: AsyncIterator[int]) -> None:
+        """Run until cancelled (by whoever sees the drain finish)."""
+        async for signum in signals:
+            self.request(signal.Signals(signum).name)
+
+    async def watch_supervisor(self, commands: trio.abc.ReceiveStream) -> None:
+        """A worker's orders, one per line: ``stop SIGNAL`` or ``force SIGNAL``.
+
+        The supervisor forwards the signals it receives this way rather than
+        as signals, so that a signal sent to the whole process group (Ctrl-C
+        on a terminal, systemd's default KillMode) is not counted twice. If
+        the supervisor goes away (EOF), the worker stops gracefully.
+        """
+        buffer = b""
+        while chunk := await commands.receive_some():
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                order, _, name = line.decode(errors="replace").partition(" ")
+                if order == "stop":
+                    self.request(name or None, escalate=False)
+                elif order == "force":
+                    if not self.stopping:
+                        self.request(name or None)
+                    self.request(name or None)
+        self.request(None, escalate=False)
 
 
 async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()

@@ -16,8 +16,12 @@ copies of ``echosvc serve`` (`echosvc.daemon`, unchanged) and:
   the supervisor's: a worker reports ``READY=1`` and its counters exactly as
   it would to systemd, and the supervisor logs ``listening`` and sends its
   own ``READY=1`` once every worker has, then ``STATUS=`` with the totals.
-* **forwards signals.** The first SIGTERM/SIGINT goes to every worker, which
-  drains within its grace; the second goes too, and they stop at once.
+* **forwards stop requests.** The first SIGTERM/SIGINT is passed to every
+  worker, which drains within its grace; the second too, and they stop at
+  once. They go down each worker's stdin rather than as signals, so that a
+  signal sent to the whole process group (Ctrl-C on a terminal, systemd's
+  default ``KillMode=control-group``) is not counted twice by a worker; and
+  a worker whose supervisor is gone sees EOF there and stops.
 * **restarts** a worker that exits unexpectedly, after 0.1 s doubling to
   5 s (reset once a worker has run for 30 s), logging ``worker_exited``. If
   workers exit unexpectedly 5 times within 60 s the supervisor stops them
@@ -33,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import suppress
 from functools import partial
 
 import attrs
@@ -41,7 +46,7 @@ import trio
 
 from . import logs, systemd
 from .config import Config, environment_for
-from .daemon import LISTEN_FDS_ENV, WORKER_ENV, stop_on_signals, take_inherited_sockets
+from .daemon import LISTEN_FDS_ENV, WORKER_ENV, StopControl, take_inherited_sockets
 from .listeners import BindError, format_address, reserve_addresses
 
 __all__ = ["run"]
@@ -88,6 +93,13 @@ class _Supervisor:
         self.exit_status = 0
         self.unexpected_exits: collections.deque[float] = collections.deque()
         self.all_ready = trio.Event()
+        self.control = StopControl(
+            self.notifier,
+            active=self._active,
+            grace_s=config.shutdown_grace,
+            stop=partial(self._order, "stop"),
+            force=partial(self._order, "force"),
+        )
 
     async def run(self) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -122,17 +134,7 @@ class _Supervisor:
                     nursery.start_soon(
                         self._announce, addresses, activation, nursery, name="announce"
                     )
-                    nursery.start_soon(
-                        partial(
-                            stop_on_signals,
-                            signals,
-                            self.notifier,
-                            active=self._active,
-                            grace_s=self.config.shutdown_grace,
-                            stop=self._stop,
-                            force=self._stop,
-                        )
-                    )
+                    nursery.start_soon(self.control.watch_signals, signals)
                 # Every worker has exited for good.
                 nursery.cancel_scope.cancel()
             for sock in held:
@@ -192,7 +194,9 @@ class _Supervisor:
                         [sys.executable, "-m", "echosvc", "serve"],
                         env=self._environment(worker, port),
                         pass_fds=[s.fileno() for s in self.inherited],
-                        stdin=subprocess.DEVNULL,
+                        # Orders go down this pipe; its EOF tells an
+                        # orphaned worker to stop.
+                        stdin=subprocess.PIPE,
                         check=False,
                         deliver_cancel=_kill,
                     )
@@ -225,7 +229,7 @@ class _Supervisor:
                     window_s=GIVE_UP_WINDOW_S,
                 )
                 self.exit_status = 1
-                self._stop()
+                self.control.request(None, escalate=False)
                 return
             await trio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX_S)
@@ -243,14 +247,21 @@ class _Supervisor:
             env[LISTEN_FDS_ENV] = ",".join(str(s.fileno()) for s in self.inherited)
         return env
 
-    def _stop(self) -> None:
-        """Forward a stop signal: the first drains, the second is immediate."""
-        if self.stopping:
+    def _order(self, order: str, signal_name: str | None) -> None:
+        """Tell every worker to ``stop`` (drain) or ``force`` (stop at once)."""
+        if order == "force":
             self.exit_status = 1
         self.stopping = True
+        message = f"{order} {signal_name or ''}\n".encode()
         for worker in self.workers:
-            if worker.process is not None and worker.process.returncode is None:
-                worker.process.send_signal(signal.SIGTERM)
+            process = worker.process
+            if process is None or process.returncode is not None:
+                continue
+            orders = process.stdin
+            assert isinstance(orders, trio.lowlevel.FdStream)
+            # A few bytes into an empty pipe: a plain write never blocks.
+            with suppress(OSError):  # it has just exited: nothing to tell
+                os.write(orders.fileno(), message)
 
     def _active(self) -> int:
         return sum(worker.active for worker in self.workers)

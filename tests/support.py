@@ -58,6 +58,7 @@ class Daemon:
         wait_for: str | None = "listening",
         pass_fds: Sequence[int] = (),
         preexec_fn: Callable[[], object] | None = None,
+        new_session: bool = False,
     ) -> Daemon:
         """Start ``echosvc serve *args`` with JSON logs; wait for ``listening``."""
         process = await trio.lowlevel.open_process(
@@ -68,6 +69,7 @@ class Daemon:
             stderr=subprocess.PIPE,
             pass_fds=pass_fds,
             preexec_fn=preexec_fn,
+            start_new_session=new_session,
         )
         daemon = cls(process)
         nursery.start_soon(daemon._read_logs)

@@ -15,7 +15,7 @@ from echosvc import Config
 from echosvc.cli import app
 from echosvc.config import environment_for
 
-from .support import Daemon, connect, round_trip
+from .support import Daemon, connect, receive_until_eof, round_trip
 from .test_cli import run_cli
 from .test_systemd import Manager, free_port
 
@@ -134,6 +134,39 @@ async def test_a_second_signal_stops_the_workers_at_once() -> None:
             assert await daemon.stop() == 1
             await stuck.aclose()
     assert daemon.events("shutdown_forced")
+
+
+async def test_ctrl_c_to_the_whole_process_group_is_one_graceful_stop() -> None:
+    """A terminal signals every process in the group; workers must not count
+    the supervisor's forwarded request as a second one."""
+    with trio.fail_after(TIME_LIMIT):
+        async with trio.open_nursery() as nursery:
+            daemon = await Daemon.start(nursery, "--port", "0", "--workers", "2", new_session=True)
+            await wait_for_supervisor(daemon, 2)
+            client = await connect(daemon.port)
+            await client.send_all(b"half a line")
+            await trio.sleep(0.2)
+            os.killpg(daemon.process.pid, signal.SIGINT)
+            assert await daemon.wait() == 0
+            assert await receive_until_eof(client) == b"half a line"
+            await client.aclose()
+    assert not daemon.events("shutdown_forced")
+    assert len(daemon.events("shutdown_started")) == 3
+    [closed] = daemon.events("connection_closed")
+    assert closed["reason"] == "shutdown"
+
+
+async def test_workers_stop_by_themselves_when_the_supervisor_is_killed() -> None:
+    with trio.fail_after(TIME_LIMIT):
+        async with trio.open_nursery() as nursery:
+            daemon = await Daemon.start(nursery, "--port", "0", "--workers", "2")
+            await wait_for_supervisor(daemon, 2)
+            daemon.send_signal(signal.SIGKILL)
+            assert await daemon.wait() == -signal.SIGKILL
+            # The workers share our stderr pipe: their last records arrive.
+            stopped = await daemon.wait_for("stopped", 2)
+    assert {record["worker"] for record in stopped} == {0, 1}
+    assert {r["signal"] for r in daemon.events("shutdown_started")} == {None}
 
 
 async def test_auto_means_one_worker_per_available_cpu() -> None:
