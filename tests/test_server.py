@@ -235,6 +235,9 @@ async def test_at_max_connections_new_clients_wait_in_the_backlog() -> None:
                 await third.receive_some()
             assert waited.cancelled_caught, "served beyond max_connections"
             assert server.statistics().active == 2
+            # The flood does not disturb those already being served.
+            await round_trip(first, b"still 1\n")
+            await round_trip(second, b"still 2\n")
             await first.aclose()
             assert await receive_exactly(third, 2) == b"3\n"
             await second.aclose()
