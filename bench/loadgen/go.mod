@@ -1,0 +1,3 @@
+module echosvc/bench/loadgen
+
+go 1.19

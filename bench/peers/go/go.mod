@@ -1,0 +1,3 @@
+module echosvc/bench/peers/go
+
+go 1.19
