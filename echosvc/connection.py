@@ -54,7 +54,8 @@ __all__ = ["Connection", "ConnectionStats", "handle_stream"]
 RECEIVE_SIZE = 65536
 
 # Reasons after which the stream is closed politely (a TLS close_notify, a
-# FIN); after the others the peer is not listening or not there.
+# FIN); after the others, or when cancelled, the peer is not listening, not
+# there, or not to be waited for.
 _GRACEFUL = frozenset(
     {CloseReason.EOF, CloseReason.SHUTDOWN, CloseReason.LINE_TOO_LONG, CloseReason.READ_TIMEOUT}
 )
@@ -168,8 +169,10 @@ class Connection:
         started = trio.current_time()
         reason = CloseReason.ERROR
         error: Exception | None = None
+        polite = False
         try:
             reason = await self._echo()
+            polite = reason in _GRACEFUL
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reason = CloseReason.RESET
         except Exception as exc:  # noqa: BLE001 -- contained here, logged with its traceback
@@ -192,10 +195,12 @@ class Connection:
                 log.info("connection_closed", **attrs.asdict(stats))
             else:
                 log.error("connection_closed", **attrs.asdict(stats), exc_info=error)
-            if reason in _GRACEFUL:
-                await self._stream.aclose()
-            else:
-                await trio.aclose_forcefully(self._stream)
+            if polite:
+                # A TLS close_notify can block on a peer that stopped reading:
+                # it gets the write deadline, then the hard way.
+                with trio.move_on_after(self._write_s):
+                    await self._stream.aclose()
+            await trio.aclose_forcefully(self._stream)  # a no-op if closed
         return stats
 
     async def _echo(self) -> CloseReason:

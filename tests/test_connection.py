@@ -439,6 +439,25 @@ async def test_an_unexpected_error_is_logged_with_its_traceback_and_contained() 
     assert isinstance(closed["exc_info"], RuntimeError)
 
 
+class StubbornCloseStream(CountingStream):
+    """Like a TLS stream whose peer stopped reading: a polite close hangs."""
+
+    async def aclose(self) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_polite_close_that_hangs_is_cut_at_the_write_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(b"bye\n")
+    await client.send_eof()
+    start_time = trio.current_time()
+    stats = await handle_stream(StubbornCloseStream(server), Config(write_timeout=7))
+    assert stats.reason is CloseReason.EOF
+    assert trio.current_time() == pytest.approx(start_time + 7)
+
+
 # --- stream mode ------------------------------------------------------------
 
 
