@@ -79,6 +79,14 @@ class Daemon:
         return daemon
 
     async def _read_logs(self) -> None:
+        try:
+            await self._parse_logs()
+        finally:
+            # A failed test cancels us: leave no server behind.
+            if self.process.returncode is None:
+                self.process.kill()
+
+    async def _parse_logs(self) -> None:
         assert self.process.stderr is not None
         buffer = b""
         async with self.process.stderr:
