@@ -53,6 +53,10 @@ __all__ = ["Connection", "ConnectionStats", "handle_stream"]
 # segment train, so a pipelining client is served with few wakeups.
 RECEIVE_SIZE = 65536
 
+# How long a polite close waits for the peer to close its side (Apache's
+# lingering close waits 2 s too); never longer than the write timeout.
+LINGER_S = 2.0
+
 # Reasons after which the stream is closed politely (a TLS close_notify, a
 # FIN); after the others, or when cancelled, the peer is not listening, not
 # there, or not to be waited for.
@@ -195,13 +199,41 @@ class Connection:
                 log.info("connection_closed", **attrs.asdict(stats))
             else:
                 log.error("connection_closed", **attrs.asdict(stats), exc_info=error)
-            if polite:
-                # A TLS close_notify can block on a peer that stopped reading:
-                # it gets the write deadline, then the hard way.
-                with trio.move_on_after(self._write_s):
-                    await self._stream.aclose()
+            if not polite:
+                await trio.aclose_forcefully(self._stream)
+        if not polite:
+            return stats
+        try:
+            # Bounded: a peer may neither read nor stop sending, and a TLS
+            # close_notify can block on a peer that stopped reading.
+            with trio.move_on_after(min(self._write_s, LINGER_S)):
+                if reason is not CloseReason.EOF:
+                    await self._linger()
+                await self._stream.aclose()
+        finally:
             await trio.aclose_forcefully(self._stream)  # a no-op if closed
         return stats
+
+    async def _linger(self) -> None:
+        """Close our side, then discard input until the peer closes its own.
+
+        Closing a TCP socket whose receive queue is not empty sends a RST
+        instead of a FIN, and the peer's kernel then throws away whatever of
+        our last echo it had not yet handed to the application -- bytes the
+        log already counts as sent. After ``line_too_long``, ``read_timeout``
+        or ``shutdown`` there may well be unread input, so, like Apache's
+        lingering close: ``send_eof()`` (the echo, then a FIN), then read and
+        drop until EOF, for at most ``LINGER_S``.
+        """
+        stream = self._stream
+        if not isinstance(stream, trio.abc.HalfCloseableStream):
+            return
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(RECEIVE_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer is gone: nothing left to protect
 
     async def _echo(self) -> CloseReason:
         stream, send_nowait = self._stream, self._send_nowait

@@ -21,6 +21,7 @@ import trio.lowlevel
 import trio.testing
 
 from echosvc import CloseReason, Config, Connection, ConnectionStats, Mode, handle_stream
+from echosvc.connection import LINGER_S
 
 from .support import captured_logs, receive_exactly, receive_until_eof
 
@@ -38,8 +39,10 @@ def start(nursery: trio.Nursery, stream: trio.abc.Stream, config: Config, **kwar
     handler = Handler(Connection(stream, config, **kwargs))
 
     async def run() -> None:
+        started = trio.current_time()
         handler.stats = await handler.connection.run()
-        handler.ended_at = trio.current_time()
+        # When it closed; a polite close may linger after that.
+        handler.ended_at = started + handler.stats.duration_s
 
     nursery.start_soon(run)
     return handler
@@ -304,7 +307,9 @@ async def test_the_final_flush_at_eof_has_a_write_deadline_too(
 # --- line limit -------------------------------------------------------------
 
 
-async def test_an_oversize_line_closes_after_the_lines_before_it() -> None:
+async def test_an_oversize_line_closes_after_the_lines_before_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         handler = start(nursery, server, Config(max_line_bytes=8))
@@ -315,7 +320,9 @@ async def test_an_oversize_line_closes_after_the_lines_before_it() -> None:
     assert handler.stats.lines == 2
 
 
-async def test_a_huge_line_without_newline_is_cut_off_at_the_limit() -> None:
+async def test_a_huge_line_without_newline_is_cut_off_at_the_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         handler = start(nursery, server, Config(max_line_bytes=1024))
@@ -338,7 +345,9 @@ async def test_a_huge_line_without_newline_is_cut_off_at_the_limit() -> None:
 # --- graceful stop ----------------------------------------------------------
 
 
-async def test_stop_echoes_the_unfinished_line_then_closes() -> None:
+async def test_stop_echoes_the_unfinished_line_then_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         handler = start(nursery, server, Config())
@@ -383,7 +392,9 @@ async def test_the_write_deadline_still_applies_to_an_echo_finishing_after_stop(
     assert handler.ended_at == pytest.approx(start_time + 30)
 
 
-async def test_stop_before_run_closes_at_once() -> None:
+async def test_stop_before_run_closes_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client, server = trio.testing.memory_stream_pair()
     await client.send_all(b"unread\n")
     connection = Connection(server, Config())
@@ -446,16 +457,37 @@ class StubbornCloseStream(CountingStream):
         await trio.sleep_forever()
 
 
-async def test_a_polite_close_that_hangs_is_cut_at_the_write_deadline(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize("write_timeout", [0.5, 7])
+async def test_a_polite_close_that_hangs_is_cut_after_a_bounded_wait(
+    autojump_clock: trio.testing.MockClock, write_timeout: float
 ) -> None:
     client, server = trio.testing.memory_stream_pair()
     await client.send_all(b"bye\n")
     await client.send_eof()
     start_time = trio.current_time()
-    stats = await handle_stream(StubbornCloseStream(server), Config(write_timeout=7))
+    config = Config(write_timeout=write_timeout)
+    stats = await handle_stream(StubbornCloseStream(server), config)
     assert stats.reason is CloseReason.EOF
-    assert trio.current_time() == pytest.approx(start_time + 7)
+    assert trio.current_time() == pytest.approx(start_time + min(write_timeout, LINGER_S))
+
+
+async def test_a_polite_close_sends_eof_then_drains_until_the_peer_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A lingering close: the peer sees EOF at once, its late sends are dropped
+    (not refused), and the handler is done when the peer hangs up."""
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        handler = start(nursery, server, Config(max_line_bytes=4))
+        await client.send_all(b"ok\ntoo long\n")
+        assert await receive_until_eof(client) == b"ok\n"
+        await client.send_all(b"late, and ignored\n")
+        await trio.sleep(1)
+        assert handler.stats is None, "still draining"
+        await client.aclose()
+    assert handler.stats is not None
+    assert handler.stats.reason is CloseReason.LINE_TOO_LONG
+    assert handler.stats.bytes_in == 12
 
 
 # --- stream mode ------------------------------------------------------------
@@ -504,7 +536,9 @@ async def test_stream_mode_has_a_write_deadline(
     assert handler.stats.reason is CloseReason.WRITE_TIMEOUT
 
 
-async def test_stream_mode_stops_gracefully() -> None:
+async def test_stream_mode_stops_gracefully(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         handler = start(nursery, server, Config(mode=Mode.STREAM))

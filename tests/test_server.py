@@ -308,6 +308,7 @@ async def test_graceful_shutdown_closes_listeners_and_drains_connections() -> No
             server.shutdown()  # idempotent
             # Waiting for input: what was received is echoed, then closed.
             assert await receive_until_eof(idle) == b"unfinished"
+            await idle.aclose()  # hang up, as a client does at EOF
             with pytest.raises(OSError, match="connect"):
                 await trio.open_tcp_stream("127.0.0.1", port)
         # serve() returned: the nursery could exit.
@@ -385,6 +386,12 @@ async def test_cancelling_the_callers_scope_stops_everything_and_leaks_nothing()
     assert {e["reason"] for e in closed_events(logs)} == {"shutdown"}
 
 
+async def close_at_eof(sock: trio.socket.SocketType) -> None:
+    with sock, suppress(OSError):  # never accepted: reset when the listener closes
+        while await sock.recv(4096):
+            pass
+
+
 async def test_shutdown_at_any_moment_of_an_accept_leaves_nothing_open() -> None:
     """Shutdown may land between accept() and the handler's first step; whatever
     was accepted is still closed with reason shutdown, and serve returns."""
@@ -394,10 +401,11 @@ async def test_shutdown_at_any_moment_of_an_accept_leaves_nothing_open() -> None
                 server: Server = await nursery.start(serve, Config(port=0))
                 client = trio.socket.socket()
                 await client.connect(("127.0.0.1", server.port))
+                # Like any client, it hangs up when the server does.
+                nursery.start_soon(close_at_eof, client)
                 for _ in range(steps):
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 server.shutdown()
-            client.close()
     opened = [e["conn_id"] for e in logs.events("connection_opened")]
     closed = closed_events(logs)
     assert opened, "no accept happened at all: the test is not exercising anything"
