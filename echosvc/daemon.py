@@ -149,10 +149,16 @@ async def _main(
                 stop=lambda _: server.shutdown(),
                 force=force,
             )
-            if worker is not None:
-                orders = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-                nursery.start_soon(control.watch_supervisor, orders)
-            await control.watch_signals(signals)
+            if worker is None:
+                await control.watch_signals(signals)
+            else:
+                # A worker takes orders from its supervisor only. A signal
+                # sent to the whole process group (Ctrl-C, systemd's default
+                # KillMode) reaches the supervisor too, which passes it on;
+                # counting it here as well could make one request two.
+                nursery.start_soon(_ignore, signals)
+                await control.watch_supervisor(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))
+                await trio.sleep_forever()  # until the drain ends
         log.info("stopped", connections_served=server.statistics().served)
         notifier.send(*status())  # a supervisor adds up the final counts
         notifier.close()
@@ -162,8 +168,8 @@ async def _main(
 class StopControl:
     """Turns stop requests into one graceful stop, then a forced one.
 
-    Requests come from signals (SIGTERM, SIGINT) and, in a worker, from the
-    supervisor over stdin. The first request logs ``shutdown_started``,
+    Requests come from signals (SIGTERM, SIGINT) or, in a worker, only from
+    the supervisor, over stdin. The first request logs ``shutdown_started``,
     sends ``STOPPING=1`` and calls ``stop``; a second *signal* logs
     ``shutdown_forced`` and calls ``force``.
     """
@@ -236,6 +242,11 @@ async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
     await serve(config, listeners=listeners, task_status=task_status)
     # Drained: the status reporter, the watchdog and the signal loop go too.
     daemon_scope.cancel()
+
+
+async def _ignore(signals: AsyncIterator[int]) -> None:
+    async for _ in signals:
+        pass
 
 
 def _status(server: Server, *, counters: bool) -> list[str]:

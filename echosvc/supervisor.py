@@ -18,10 +18,10 @@ copies of ``echosvc serve`` (`echosvc.daemon`, unchanged) and:
   own ``READY=1`` once every worker has, then ``STATUS=`` with the totals.
 * **forwards stop requests.** The first SIGTERM/SIGINT is passed to every
   worker, which drains within its grace; the second too, and they stop at
-  once. They go down each worker's stdin rather than as signals, so that a
-  signal sent to the whole process group (Ctrl-C on a terminal, systemd's
-  default ``KillMode=control-group``) is not counted twice by a worker; and
-  a worker whose supervisor is gone sees EOF there and stops.
+  once. They go down each worker's stdin, and a worker ignores signals, so
+  that a signal sent to the whole process group (Ctrl-C on a terminal,
+  systemd's default ``KillMode=control-group``) is one request, not two; a
+  worker whose supervisor is gone sees EOF there and stops.
 * **restarts** a worker that exits unexpectedly, after 0.1 s doubling to
   5 s (reset once a worker has run for 30 s), logging ``worker_exited``. If
   workers exit unexpectedly 5 times within 60 s the supervisor stops them
