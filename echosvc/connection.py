@@ -185,22 +185,16 @@ class Connection:
             reason = CloseReason.SHUTDOWN
             raise
         finally:
-            stats = ConnectionStats(
-                conn_id=self.conn_id,
-                peer=self.peer,
-                reason=reason,
-                lines=self.lines,
-                bytes_in=self.bytes_in,
-                bytes_out=self.bytes_out,
-                duration_s=round(trio.current_time() - started, 6),
-            )
-            log = structlog.get_logger("echosvc")
-            if error is None:
-                log.info("connection_closed", **attrs.asdict(stats))
-            else:
-                log.error("connection_closed", **attrs.asdict(stats), exc_info=error)
+            # Until the reason to close, not until the socket is gone: a
+            # polite close may linger after it.
+            duration_s = round(trio.current_time() - started, 6)
             if not polite:
-                await trio.aclose_forcefully(self._stream)
+                # aclose_forcefully() closes the socket before its checkpoint,
+                # which re-raises a cancellation from outside: log either way.
+                try:
+                    await trio.aclose_forcefully(self._stream)
+                finally:
+                    stats = self._closed(reason, duration_s, error)
         if not polite:
             return stats
         try:
@@ -211,7 +205,32 @@ class Connection:
                     await self._linger()
                 await self._stream.aclose()
         finally:
-            await trio.aclose_forcefully(self._stream)  # a no-op if closed
+            try:
+                await trio.aclose_forcefully(self._stream)  # a no-op if closed
+            finally:
+                stats = self._closed(reason, duration_s, error)
+        return stats
+
+    def _closed(
+        self, reason: CloseReason, duration_s: float, error: Exception | None
+    ) -> ConnectionStats:
+        # Logged once the stream is closed, not before: whoever reads
+        # connection_closed may rely on the socket being gone and on the
+        # server no longer counting it.
+        stats = ConnectionStats(
+            conn_id=self.conn_id,
+            peer=self.peer,
+            reason=reason,
+            lines=self.lines,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            duration_s=duration_s,
+        )
+        log = structlog.get_logger("echosvc")
+        if error is None:
+            log.info("connection_closed", **attrs.asdict(stats))
+        else:
+            log.error("connection_closed", **attrs.asdict(stats), exc_info=error)
         return stats
 
     async def _linger(self) -> None:

@@ -207,6 +207,14 @@ class ConnectionModel:
     def in_flight(self) -> int:
         return len(self.delivered) - self.taken
 
+    @property
+    def logged(self) -> bool:
+        """``connection_closed`` is logged once the stream is closed: after the
+        linger, which ends early when the client closes or vanishes."""
+        if self.reason is None:
+            return False
+        return self.t >= self.lingering_until or self.eof_sent or self.reset_sent
+
     def observe(self) -> dict[str, Any]:
         return {
             "time": self.t,
@@ -215,7 +223,7 @@ class ConnectionModel:
             "refused": self.refused,
             "counters": (self.bytes_in, self.bytes_out, self.lines),
             "record": None
-            if self.reason is None
+            if self.reason is None or not self.logged
             else {
                 "reason": self.reason.value,
                 "bytes_in": self.bytes_in,
@@ -294,6 +302,7 @@ class ConnectionModel:
         self.refused = False
         if self.state != "closed":
             self._close(CloseReason.SHUTDOWN, polite=False)
+        self.lingering_until = min(self.lingering_until, self.t)
 
     # --- what the server does, until it blocks ---------------------------------
 

@@ -18,7 +18,7 @@ import trio
 
 from echosvc import systemd
 
-from .support import Daemon, connect, round_trip
+from .support import Daemon, connect, receive_until_eof, round_trip
 from .test_server import has_ipv6_loopback
 
 TIME_LIMIT = 30
@@ -171,6 +171,10 @@ async def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(
                         await stuck.send_all(b"s" * 1023 + b"\n")
                 daemon.send_signal(signal.SIGTERM)
                 await manager.wait_for("STOPPING=1")
+                # The idle client hangs up when the server does, as clients
+                # do; the server's lingering close waits for that.
+                assert await receive_until_eof(one) == b""
+                await one.aclose()
                 assert await daemon.wait() == 0
                 exited_at = trio.current_time()
             nursery.cancel_scope.cancel()
