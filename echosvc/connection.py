@@ -170,45 +170,37 @@ class Connection:
         structlog.get_logger("echosvc").debug(
             "connection_opened", conn_id=self.conn_id, peer=self.peer
         )
-        started = trio.current_time()
+        started = ended = trio.current_time()
         reason = CloseReason.ERROR
         error: Exception | None = None
-        polite = False
         try:
-            reason = await self._echo()
-            polite = reason in _GRACEFUL
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            reason = CloseReason.RESET
-        except Exception as exc:  # noqa: BLE001 -- contained here, logged with its traceback
-            reason, error = CloseReason.ERROR, exc
-        except BaseException:
-            reason = CloseReason.SHUTDOWN
-            raise
-        finally:
-            # Until the reason to close, not until the socket is gone: a
-            # polite close may linger after it.
-            duration_s = round(trio.current_time() - started, 6)
-            if not polite:
-                # aclose_forcefully() closes the socket before its checkpoint,
-                # which re-raises a cancellation from outside: log either way.
-                try:
-                    await trio.aclose_forcefully(self._stream)
-                finally:
-                    stats = self._closed(reason, duration_s, error)
-        if not polite:
-            return stats
-        try:
-            # Bounded: a peer may neither read nor stop sending, and a TLS
-            # close_notify can block on a peer that stopped reading.
-            with trio.move_on_after(min(self._write_s, LINGER_S)):
-                if reason is not CloseReason.EOF:
-                    await self._linger()
-                await self._stream.aclose()
-        finally:
             try:
-                await trio.aclose_forcefully(self._stream)  # a no-op if closed
+                reason = await self._echo()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                reason = CloseReason.RESET
+            except Exception as exc:  # noqa: BLE001 -- contained here, logged with its traceback
+                reason, error = CloseReason.ERROR, exc
+            except BaseException:
+                reason = CloseReason.SHUTDOWN
+                raise
             finally:
-                stats = self._closed(reason, duration_s, error)
+                # duration_s runs to the reason to close, not through a linger.
+                ended = trio.current_time()
+            if reason in _GRACEFUL:
+                # Bounded: a peer may neither read nor stop sending, and a TLS
+                # close_notify can block on a peer that stopped reading.
+                with trio.move_on_after(min(self._write_s, LINGER_S)):
+                    if reason is not CloseReason.EOF:
+                        await self._linger()
+                    await self._stream.aclose()
+        finally:
+            # A no-op if closed politely. It closes the socket before its
+            # checkpoint, which re-raises a cancellation from outside: the
+            # record is written either way.
+            try:
+                await trio.aclose_forcefully(self._stream)
+            finally:
+                stats = self._closed(reason, round(ended - started, 6), error)
         return stats
 
     def _closed(

@@ -208,11 +208,9 @@ class ConnectionModel:
         return len(self.delivered) - self.taken
 
     @property
-    def logged(self) -> bool:
+    def linger_over(self) -> bool:
         """``connection_closed`` is logged once the stream is closed: after the
         linger, which ends early when the client closes or vanishes."""
-        if self.reason is None:
-            return False
         return self.t >= self.lingering_until or self.eof_sent or self.reset_sent
 
     def observe(self) -> dict[str, Any]:
@@ -223,7 +221,7 @@ class ConnectionModel:
             "refused": self.refused,
             "counters": (self.bytes_in, self.bytes_out, self.lines),
             "record": None
-            if self.reason is None or not self.logged
+            if self.reason is None or not self.linger_over
             else {
                 "reason": self.reason.value,
                 "bytes_in": self.bytes_in,
