@@ -11,13 +11,20 @@ costs O(n) in total, not O(n²). It also owns the line limit, because only the
 framer knows how long the current line has grown: a line longer than
 ``max_line_bytes`` (counting its ``\\n``) sets `LineFramer.too_long`, after the
 complete lines before it have been returned, so memory per connection stays
-bounded whatever the peer sends. No I/O, no clock, no decoding: bytes are
-never interpreted beyond looking for ``b"\\n"``.
+bounded whatever the peer sends. That is a sticky error state, as h11's
+``ERROR``: once the framer has refused a line it refuses everything after it
+(`LineTooLong`), since the bytes that follow an oversize line have no line
+boundary anyone agreed on. No I/O, no clock, no decoding: bytes are never
+interpreted beyond looking for ``b"\\n"``.
 """
 
 from __future__ import annotations
 
-__all__ = ["LineFramer"]
+__all__ = ["LineFramer", "LineTooLong"]
+
+
+class LineTooLong(ValueError):
+    """The framer was fed (or flushed) after it refused an oversize line."""
 
 
 class LineFramer:
@@ -29,7 +36,8 @@ class LineFramer:
 
     Attributes:
       too_long: set once a line exceeded the limit. The framer has then
-          discarded the offending line; stop feeding it.
+          discarded the offending line, and `feed` and `flush` raise
+          `LineTooLong` from then on.
 
     """
 
@@ -53,7 +61,13 @@ class LineFramer:
         Returns ``b""`` when no line was completed. If a line turns out too
         long, the complete lines before it are returned (possibly ``b""``) and
         `too_long` is set; no byte of the oversize line is ever returned.
+
+        Raises:
+          LineTooLong: if `too_long` was already set.
+
         """
+        if self.too_long:
+            raise LineTooLong("a line was too long: the framer accepts nothing after it")
         partial = self._partial
         end = data.rfind(b"\n") + 1  # data[:end] finishes lines; data[end:] starts one
         if not end:
@@ -81,7 +95,15 @@ class LineFramer:
         return batch
 
     def flush(self) -> bytes:
-        """Take the unfinished line, if any (at end of input or shutdown)."""
+        """Take the unfinished line, if any (at end of input or shutdown).
+
+        Raises:
+          LineTooLong: if `too_long` is set: the unfinished line is the
+              oversize one, or comes after it.
+
+        """
+        if self.too_long:
+            raise LineTooLong("a line was too long: there is no unfinished line to take")
         rest = bytes(self._partial)
         self._partial.clear()
         return rest

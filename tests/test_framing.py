@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from echosvc.framing import LineFramer
+from echosvc.framing import LineFramer, LineTooLong
 
 NO_NEWLINE = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b""))
 
@@ -61,6 +61,20 @@ def test_lines_before_the_oversize_one_are_returned_and_none_of_it() -> None:
     assert framer.feed(b"ok\nfine\ntoolong\nlater\n") == b"ok\n"
     assert framer.too_long
     assert framer.pending == 0
+
+
+@pytest.mark.parametrize("after", [b"ok\n", b"x", b"\n", b""])
+def test_once_a_line_was_refused_the_framer_refuses_everything_after_it(after: bytes) -> None:
+    """Sticky, as h11's ERROR: bytes after an oversize line have no agreed
+    line boundary, so they must never come back out as lines."""
+    framer = LineFramer(4)
+    assert framer.feed(b"toolong\n") == b""
+    assert framer.too_long
+    with pytest.raises(LineTooLong):
+        framer.feed(after)
+    with pytest.raises(LineTooLong):
+        framer.flush()
+    assert framer.too_long
 
 
 def test_an_unterminated_line_over_the_limit_is_refused_before_its_newline() -> None:
