@@ -27,8 +27,11 @@ much unsent data in the kernel before the write deadline is what waits).
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import socket
+import termios
 from contextlib import suppress
 
 import trio
@@ -132,6 +135,27 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
                 continue  # readable, then not: another reader raced us
             except OSError as exc:
                 raise _translate(exc) from None
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes | None:
+        """What the kernel has already received, without waiting; None if nothing.
+
+        ``b""`` means end of input, as for `receive_some`. Not a checkpoint.
+        """
+        try:
+            return self._sock.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _translate(exc) from None
+
+    def queued_bytes(self) -> int:
+        """How many received bytes wait to be read (``FIONREAD``, tcp(7) SIOCINQ)."""
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, count, True)
+        except OSError:
+            return 0  # closed, or not a socket that can say: nothing to drain
+        return count[0]
 
     async def aclose(self) -> None:
         if self._sock.fileno() != -1:

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import structlog
 import structlog.testing
 import trio
+import trio.testing
 
 ECHOSVC = [sys.executable, "-m", "echosvc"]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "echosvc"
@@ -203,3 +204,84 @@ async def receive_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
 async def round_trip(stream: trio.abc.Stream, line: bytes) -> None:
     await stream.send_all(line)
     assert await receive_exactly(stream, len(line)) == line
+
+
+class MemoryPeer:
+    """The client's end of a connection on `trio.testing` memory streams, with a
+    socket buffer of ``capacity`` bytes.
+
+    The client's operations are synchronous -- ``send`` (``put_data``),
+    ``send_eof``, ``take``, ``reset`` -- so a test decides exactly in which
+    scheduler pass data arrives. The send stream's ``send_all_hook`` moves
+    each echo into `inbox` and holds ``send_all`` until the inbox is down to
+    ``capacity`` bytes: a client that does not read makes the write deadline
+    fire, which on plain memory streams (unbounded buffers) it never could. A
+    reset breaks both directions. ``echo_times`` records when each echo
+    arrived.
+    """
+
+    def __init__(self, capacity: int = 10**9) -> None:
+        self.capacity = capacity
+        self.incoming = trio.testing.MemoryReceiveStream()  # the server reads this
+        self.outgoing = trio.testing.MemorySendStream(send_all_hook=self._sent)
+        self.inbox = bytearray()  # echoed, not yet read by the client
+        self.received = bytearray()
+        self.echo_times: list[float] = []
+        self.broken = False
+        self._drained = trio.lowlevel.ParkingLot()
+
+    def server_stream(self) -> trio.StapledStream[Any, Any]:
+        return trio.StapledStream(self.outgoing, self.incoming)
+
+    async def _sent(self) -> None:
+        """An echo was sent: buffer it, and hold send_all until it fits."""
+        if self.broken:
+            raise trio.BrokenResourceError("the peer reset the connection")
+        self._collect()
+        while len(self.inbox) > self.capacity:
+            await self._drained.park()
+            if self.broken:
+                raise trio.BrokenResourceError("the peer reset the connection")
+
+    def _collect(self) -> bool:
+        """Move what the server sent into the inbox; True once the server closed."""
+        while True:
+            try:
+                data = self.outgoing.get_data_nowait()
+            except trio.WouldBlock:
+                return False
+            if not data:
+                return True
+            self.inbox += data
+            self.echo_times.append(trio.current_time())
+
+    def send(self, data: bytes) -> bool:
+        """Send ``data``; False if the server had already closed the connection."""
+        try:
+            self.incoming.put_data(data)
+        except trio.ClosedResourceError:
+            return False
+        return True
+
+    def send_eof(self) -> None:
+        self.incoming.put_eof()
+
+    def take(self, size: int) -> None:
+        self._collect()
+        self.received += self.inbox[:size]
+        del self.inbox[:size]
+        self._drained.unpark_all()
+
+    def echo(self) -> bytes:
+        """Everything echoed so far, read or not."""
+        self._collect()
+        return bytes(self.received + self.inbox)
+
+    def reset(self) -> None:
+        self.broken = True
+        self.incoming.close()  # the server's receive fails
+        self._drained.unpark_all()  # and so does a send it is waiting in
+
+    @property
+    def closed_by_server(self) -> bool:
+        return self._collect()

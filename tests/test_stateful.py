@@ -39,11 +39,17 @@ size, so a client that does not read makes the write deadline fire (plain
 memory streams buffer without limit, and on them it never could). A reset
 breaks both directions.
 
-Times are exact: the sleeps are multiples of 0.75 s and the timeouts 10 s or
-5 s (read) and 7 s (write), none a multiple of 0.75 s, so a deadline never
-coincides with the end of a sleep and the order of events is never a coin
-toss. A timeout of 0 (no deadline) is drawn too, and 5 s < 7 s exercises the
-write deadline outlasting the read timeout.
+Coincidences are the point, not an accident to avoid. The sleeps (1, 2.5, 5
+and 7 s) and the timeouts (10 or 5 s read, 7 or 5 s write, 2 s linger) are
+chosen so that deadlines often fall exactly at the end of a sleep, where Trio
+wakes the script and fires the deadline in the same scheduler pass; the model
+says a deadline at the end of a sleep has fired. Two operations skip the
+settling on purpose: ``send_stop`` calls `Connection.stop` in the pass that
+delivers data (the handler is runnable with its data, not yet running), and
+``send_jump`` moves the clock by hand (`MockClock.jump`) right after
+delivering data, so the handler runs late, with its data and with whatever
+deadline expired meanwhile. A timeout of 0 (no deadline) is drawn too, and
+5 s < 7 s exercises the write deadline outlasting the read timeout.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ from echosvc import CloseReason, Config, Connection, LineFramer, Mode
 from echosvc.connection import LINGER_S, RECEIVE_SIZE
 from echosvc.framing import LineTooLong
 
-from .support import captured_logs
+from .support import MemoryPeer, captured_logs
 
 # --- the framer ---------------------------------------------------------------------
 
@@ -255,6 +261,16 @@ class ConnectionModel:
             self.reset()
         elif name == "stop":
             self.stop()
+        elif name == "send_stop":
+            self.send(argument)
+            refused = self.refused  # what the send found, not the stop
+            self.stop()
+            self.refused = refused
+        elif name == "send_jump":
+            self.send_jump(*argument)
+        elif name == "sleep_stop":
+            self.sleep(argument)
+            self.stop()
         else:
             assert name == "cancel", name
             self.cancel()
@@ -264,6 +280,27 @@ class ConnectionModel:
         self.refused = self.state == "closed" and self.t >= self.lingering_until
         if self.state != "closed":
             self.unread += data
+            self._settle()
+
+    def send_jump(self, data: bytes, seconds: float) -> None:
+        """Data arrives, then ``seconds`` pass before anything runs.
+
+        The handler, late, first handles what woke it: the data if it was
+        waiting for input (a line that arrived before its deadline is echoed;
+        a fragment is cut if the deadline passed meanwhile), or the expired
+        write deadline if it was sending.
+        """
+        self.refused = self.state == "closed" and self.t >= self.lingering_until
+        if self.state != "closed":
+            self.unread += data
+        self.t += seconds
+        if self.state == "reading":
+            self._receive()
+            if self.state == "reading" and self.deadline <= self.t:
+                self._close(CloseReason.READ_TIMEOUT)
+        elif self.state in ("writing", "finishing") and self.deadline <= self.t:
+            self._close(CloseReason.WRITE_TIMEOUT)
+        if self.state != "closed":
             self._settle()
 
     def take(self, size: int) -> None:
@@ -379,67 +416,7 @@ class ConnectionModel:
             self.lingering_until = self.t + min(_seconds(self.params.write_timeout), LINGER_S)
 
 
-class Peer:
-    """The client's end of the connection, on `trio.testing` memory streams."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.incoming = trio.testing.MemoryReceiveStream()  # the server reads this
-        self.outgoing = trio.testing.MemorySendStream(send_all_hook=self._sent)
-        self.inbox = bytearray()  # echoed, not yet read by the client
-        self.received = bytearray()
-        self.broken = False
-        self._drained = trio.lowlevel.ParkingLot()
-
-    def server_stream(self) -> trio.StapledStream[Any, Any]:
-        return trio.StapledStream(self.outgoing, self.incoming)
-
-    async def _sent(self) -> None:
-        """An echo was sent: buffer it, and hold send_all until it fits."""
-        if self.broken:
-            raise trio.BrokenResourceError("the peer reset the connection")
-        self._collect()
-        while len(self.inbox) > self.capacity:
-            await self._drained.park()
-            if self.broken:
-                raise trio.BrokenResourceError("the peer reset the connection")
-
-    def _collect(self) -> bool:
-        """Move what the server sent into the inbox; True once the server closed."""
-        while True:
-            try:
-                data = self.outgoing.get_data_nowait()
-            except trio.WouldBlock:
-                return False
-            if not data:
-                return True
-            self.inbox += data
-
-    def send(self, data: bytes) -> bool:
-        """Send ``data``; False if the server had already closed the connection."""
-        try:
-            self.incoming.put_data(data)
-        except trio.ClosedResourceError:
-            return False
-        return True
-
-    def take(self, size: int) -> None:
-        self._collect()
-        self.received += self.inbox[:size]
-        del self.inbox[:size]
-        self._drained.unpark_all()
-
-    def reset(self) -> None:
-        self.broken = True
-        self.incoming.close()  # the server's receive fails
-        self._drained.unpark_all()  # and so does a send it is waiting in
-
-    @property
-    def closed_by_server(self) -> bool:
-        return self._collect()
-
-
-SLEEPS = st.sampled_from([0.75, 3.75, 9.75, 15.0])
+SLEEPS = st.sampled_from([1.0, 2.5, 5.0, 7.0])
 Op = tuple[str, Any]
 
 
@@ -452,7 +429,7 @@ class ConnectionMachine(RuleBasedStateMachine):
     @initialize(
         mode=st.sampled_from(Mode),
         read_timeout=st.sampled_from([10.0, 10.0, 5.0, 0.0]),
-        write_timeout=st.sampled_from([7.0, 7.0, 7.0, 0.0]),
+        write_timeout=st.sampled_from([7.0, 7.0, 5.0, 0.0]),
         max_line_bytes=st.integers(1, 24),
         capacity=st.sampled_from([0, 1, 5, 16, 48, 10**9]),
     )
@@ -481,14 +458,25 @@ class ConnectionMachine(RuleBasedStateMachine):
     def send(self, data: bytes) -> None:
         self._do("send", data)  # also once closed: the send must fail
 
+    @precondition(lambda self: not self.model.eof_sent and not self.model.reset_sent)
+    @rule(data=CHUNKS, seconds=SLEEPS, stop=st.booleans())
+    def send_then_too_soon(self, data: bytes, seconds: float, stop: bool) -> None:
+        """Data and a stop, or data and elapsed time, in one scheduler pass."""
+        if stop:
+            self._do("send_stop", data)
+        else:
+            self._do("send_jump", (data, seconds))
+
     @rule(size=st.integers(1, 30))
     def receive_some(self, size: int) -> None:
         self._do("take", size)
 
     @precondition(_open)
-    @rule(seconds=SLEEPS)
-    def sleep(self, seconds: float) -> None:
-        self._do("sleep", seconds)
+    @rule(seconds=SLEEPS, then_stop=st.booleans())
+    def sleep(self, seconds: float, then_stop: bool) -> None:
+        # A stop right after the sleep shares its pass with any deadline
+        # that fired at its end.
+        self._do("sleep_stop" if then_stop else "sleep", seconds)
 
     @precondition(lambda self: self._open() and not self.model.eof_sent)
     @rule()
@@ -513,12 +501,17 @@ def check_against_model(
     params: Params, initial: dict[str, Any], script: list[tuple[Op, dict[str, Any]]]
 ) -> None:
     clock = trio.testing.MockClock(autojump_threshold=0)
-    trio.run(replay, params, initial, script, clock=clock)
+    trio.run(replay, params, initial, script, clock, clock=clock)
 
 
-async def replay(params: Params, initial: dict[str, Any], script: list[tuple[Op, Any]]) -> None:
+async def replay(
+    params: Params,
+    initial: dict[str, Any],
+    script: list[tuple[Op, Any]],
+    clock: trio.testing.MockClock,
+) -> None:
     """Drive a real `Connection` through ``script``, comparing each step with the model."""
-    peer = Peer(params.capacity)
+    peer = MemoryPeer(params.capacity)
     connection = Connection(peer.server_stream(), params.config(), conn_id=1, peer="model")
     with captured_logs() as logs:
         async with trio.open_nursery() as nursery:
@@ -568,6 +561,16 @@ async def replay(params: Params, initial: dict[str, Any], script: list[tuple[Op,
                     peer.reset()
                 elif name == "stop":
                     connection.stop()
+                elif name == "send_stop":
+                    refused = not peer.send(argument)
+                    connection.stop()  # the handler has its data but has not run
+                elif name == "send_jump":
+                    data, seconds = argument
+                    refused = not peer.send(data)
+                    clock.jump(seconds)  # ...and runs only now, late
+                elif name == "sleep_stop":
+                    await trio.sleep(argument)
+                    connection.stop()  # in the pass where the sleep ended
                 elif name == "cancel":
                     scope.cancel()
                 await trio.testing.wait_all_tasks_blocked()
@@ -683,6 +686,70 @@ LINE, STREAM, LOTS = Mode.LINE, Mode.STREAM, 10**9
             30.0,
             b"no deadlines",
             id="zero-disables-the-deadlines-and-stop-flushes-the-partial-line",
+        ),
+        pytest.param(
+            Params(LINE, 10, 7, 24, 0),
+            [("send_stop", b"hello\n"), ("take", 6)],
+            "shutdown",
+            0.0,
+            b"hello\n",
+            id="a-stop-in-the-pass-that-delivers-a-line-lets-its-echo-finish",
+        ),
+        pytest.param(
+            Params(LINE, 10, 7, 24, LOTS),
+            [("send", b"hel"), ("send_stop", b"lo")],
+            "shutdown",
+            0.0,
+            b"hello",
+            id="a-stop-in-the-pass-that-delivers-a-fragment-echoes-the-whole-fragment",
+        ),
+        pytest.param(
+            Params(LINE, 10, 7, 24, LOTS),
+            [("sleep", 5.0), ("send_jump", (b"late\n", 7.0)), ("sleep", 10.0)],
+            "read_timeout",
+            22.0,
+            b"late\n",
+            id="a-line-that-arrived-before-its-deadline-is-echoed-though-handled-after-it",
+        ),
+        pytest.param(
+            Params(LINE, 10, 7, 24, LOTS),
+            [("sleep", 5.0), ("send_jump", (b"frag", 7.0))],
+            "read_timeout",
+            12.0,
+            b"",
+            id="a-fragment-handled-after-its-deadline-is-cut-when-noticed",
+        ),
+        pytest.param(
+            Params(LINE, 10, 7, 24, LOTS),
+            [("sleep", 5.0), ("sleep", 5.0), ("send", b"x\n")],
+            "read_timeout",
+            10.0,
+            b"",
+            id="a-deadline-at-the-end-of-a-sleep-has-fired",
+        ),
+        pytest.param(
+            Params(LINE, 10, 7, 24, LOTS),
+            [("send", b"frag"), ("sleep", 5.0), ("sleep_stop", 5.0)],
+            "read_timeout",
+            10.0,
+            b"",
+            id="a-stop-in-the-pass-of-the-read-deadline-the-deadline-was-first",
+        ),
+        pytest.param(
+            Params(LINE, 10, 7, 24, 0),
+            [("send", b"abc\n"), ("sleep_stop", 7.0)],
+            "write_timeout",
+            7.0,
+            b"abc\n",
+            id="a-stop-in-the-pass-of-the-write-deadline-the-deadline-was-first",
+        ),
+        pytest.param(
+            Params(LINE, 10, 5, 24, 0),
+            [("send", b"abc\n"), ("send_jump", (b"d\n", 7.0))],
+            "write_timeout",
+            7.0,
+            b"abc\n",
+            id="data-arriving-during-a-stuck-echo-does-not-save-it-from-its-deadline",
         ),
         pytest.param(
             Params(STREAM, 10, 7, 24, LOTS),
