@@ -43,7 +43,11 @@ class LogLevel(StrEnum):
 
 
 class CloseReason(StrEnum):
-    """Why a connection ended: the ``reason`` field of ``connection_closed``."""
+    """Why a connection ended: the ``reason`` field of ``connection_closed``.
+
+    The last six belong to the pipeline's stages (`echosvc.pipeline`): a
+    connection they close is never echoed to.
+    """
 
     EOF = "eof"
     READ_TIMEOUT = "read_timeout"
@@ -52,6 +56,12 @@ class CloseReason(StrEnum):
     RESET = "reset"
     SHUTDOWN = "shutdown"
     ERROR = "error"
+    PROXY_INVALID = "proxy_invalid"
+    PROXY_UNTRUSTED = "proxy_untrusted"
+    PROXY_TIMEOUT = "proxy_timeout"
+    SOURCE_LIMIT = "source_limit"
+    TLS_TIMEOUT = "tls_timeout"
+    TLS_FAILED = "tls_failed"
 
 
 class ConfigError(ValueError):

@@ -21,24 +21,46 @@ while the connection stays queued. The loop backs off -- 5 ms doubling to
 1 s, as Go's ``net/http.Server`` does -- and logs ``accept_paused`` once and
 ``accept_resumed`` when an accept succeeds again, instead of
 `trio.serve_listeners`' traceback every 100 ms.
+
+Each handler task runs the connection's pipeline (`echosvc.pipeline`: the
+stages the config asks for, then the echo), so no stage can stall
+accepting. The server knows the stage list, not what each stage does.
+
+The running totals -- accepted, closed by reason, lines, bytes, accept
+failures, a histogram of connection durations -- live on the server instance
+(`Tally`), updated once per connection when it closes, and
+`Server.statistics` returns them as a frozen snapshot: what a metrics
+endpoint exposes, with no process-global state.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import attrs
 import structlog
 import trio
 
-from .config import Config
-from .connection import Connection
+from .config import CloseReason, Config
+from .connection import Connection, ConnectionStats
 from .listeners import format_address, open_listeners
+from .pipeline import Stage, stages_for
 from .socketstream import EchoSocketStream
 
-__all__ = ["Server", "ServerStatistics", "serve"]
+__all__ = ["DURATION_BUCKETS_S", "DurationHistogram", "Server", "ServerStatistics", "serve"]
+
+_log = structlog.get_logger("echosvc")
+
+# Upper bounds of the connection-duration histogram, in seconds: from a
+# health check's round trip to an idle client held for the 300 s default
+# read timeout and beyond (Prometheus' convention: cumulative, then +Inf).
+DURATION_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
 
 # accept(2) errors meaning "the system is out of something": the queued
 # connection is still there, so retry later (trio.serve_listeners' list).
@@ -79,6 +101,24 @@ _MAX_BACKOFF_S = 1.0
 
 
 @attrs.frozen
+class DurationHistogram:
+    """How long closed connections lasted, as a cumulative histogram.
+
+    Attributes:
+      buckets: ``(upper_bound_s, count)`` pairs, counts cumulative (closed
+          connections that lasted at most that long), the last bound
+          ``math.inf``: Prometheus' ``le`` buckets.
+      count: connections observed (the ``+Inf`` bucket).
+      sum_s: their durations added up, in seconds.
+
+    """
+
+    buckets: tuple[tuple[float, int], ...]
+    count: int
+    sum_s: float
+
+
+@attrs.frozen
 class ServerStatistics:
     """A snapshot of a server's counters.
 
@@ -87,6 +127,15 @@ class ServerStatistics:
       served: connections that have been served and closed.
       limit: ``max_connections``.
       accepting: ``False`` once shutdown has begun.
+      accepted: connections accepted since the server started.
+      closed: closed connections by ``reason`` (every `CloseReason` value is
+          a key, from 0).
+      lines: lines echoed, over all closed connections.
+      bytes_in: echo payload received, over all closed connections.
+      bytes_out: echo payload sent, over all closed connections.
+      accept_failures: ``accept()`` calls that failed for want of
+          descriptors or memory (each retry counts).
+      duration: a `DurationHistogram` of closed connections.
 
     """
 
@@ -94,6 +143,56 @@ class ServerStatistics:
     served: int
     limit: int
     accepting: bool
+    accepted: int = 0
+    closed: Mapping[str, int] = attrs.field(factory=dict, hash=False)
+    lines: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    accept_failures: int = 0
+    duration: DurationHistogram = DurationHistogram((), 0, 0.0)
+
+
+class Tally:
+    """A server's running totals, added to once per closed connection."""
+
+    __slots__ = (
+        "accept_failures",
+        "accepted",
+        "bytes_in",
+        "bytes_out",
+        "closed",
+        "duration_counts",
+        "duration_sum",
+        "lines",
+    )
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.accept_failures = 0
+        self.closed = dict.fromkeys((reason.value for reason in CloseReason), 0)
+        self.lines = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        # One count per bucket of DURATION_BUCKETS_S, and one past the last.
+        self.duration_counts = [0] * (len(DURATION_BUCKETS_S) + 1)
+        self.duration_sum = 0.0
+
+    def record(self, stats: ConnectionStats) -> None:
+        self.closed[stats.reason.value] += 1
+        self.lines += stats.lines
+        self.bytes_in += stats.bytes_in
+        self.bytes_out += stats.bytes_out
+        self.duration_counts[bisect.bisect_left(DURATION_BUCKETS_S, stats.duration_s)] += 1
+        self.duration_sum += stats.duration_s
+
+    def histogram(self) -> DurationHistogram:
+        cumulative = list(itertools.accumulate(self.duration_counts))
+        bounds = (*DURATION_BUCKETS_S, float("inf"))
+        return DurationHistogram(
+            buckets=tuple(zip(bounds, cumulative, strict=True)),
+            count=cumulative[-1],
+            sum_s=self.duration_sum,
+        )
 
 
 class Server:
@@ -104,9 +203,16 @@ class Server:
 
     """
 
-    def __init__(self, config: Config, listeners: Sequence[trio.SocketListener]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listeners: Sequence[trio.SocketListener],
+        stages: Sequence[Stage] | None = None,
+    ) -> None:
         self.config = config
         self.listeners = list(listeners)
+        self.stages = tuple(stages_for(config) if stages is None else stages)
+        self._tally = Tally()
         self._limiter = trio.CapacityLimiter(config.max_connections)
         self._connections: set[Connection] = set()
         self._ids = itertools.count(1)
@@ -116,8 +222,7 @@ class Server:
         self._stopping = False
         self._at_capacity = False
         self._paused_since: float | None = None
-        self._accept_failures = 0
-        self._log = structlog.get_logger("echosvc")
+        self._failures_in_episode = 0
 
     @property
     def addresses(self) -> list[str]:
@@ -132,11 +237,19 @@ class Server:
 
     def statistics(self) -> ServerStatistics:
         """Return a frozen snapshot of the server's counters."""
+        tally = self._tally
         return ServerStatistics(
             active=int(self._limiter.borrowed_tokens),
             served=self._served,
             limit=self.config.max_connections,
             accepting=not self._stopping,
+            accepted=tally.accepted,
+            closed=MappingProxyType(dict(tally.closed)),
+            lines=tally.lines,
+            bytes_in=tally.bytes_in,
+            bytes_out=tally.bytes_out,
+            accept_failures=tally.accept_failures,
+            duration=tally.histogram(),
         )
 
     def shutdown(self) -> None:
@@ -184,7 +297,7 @@ class Server:
             token = object()
             if not limiter.available_tokens and not self._at_capacity:
                 self._at_capacity = True
-                self._log.warning(
+                _log.warning(
                     "capacity_reached", active=limiter.borrowed_tokens, limit=limiter.total_tokens
                 )
             await limiter.acquire_on_behalf_of(token)
@@ -202,6 +315,7 @@ class Server:
                 raise
             else:
                 delay = _FIRST_BACKOFF_S
+                self._tally.accepted += 1
                 if self._paused_since is not None:
                     self._note_accept_resumed()
                 # A constant name: trio would format a new string per task.
@@ -220,6 +334,9 @@ class Server:
                 self.config,
                 conn_id=next(self._ids),
                 peer=format_address(addr),  # type: ignore[arg-type]
+                address=addr if self.stages else None,  # type: ignore[arg-type]
+                stages=self.stages,
+                on_closed=self._tally.record,
             )
             del sock, addr  # the stream owns the descriptor now
             self._connections.add(connection)
@@ -236,27 +353,29 @@ class Server:
                 self._at_capacity = False
 
     def _note_accept_failure(self, exc: OSError, delay: float) -> None:
-        self._accept_failures += 1
+        self._failures_in_episode += 1
+        self._tally.accept_failures += 1
         if self._paused_since is None:
             self._paused_since = trio.current_time()
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            self._log.warning("accept_paused", error=name, retry_in_s=delay)
+            _log.warning("accept_paused", error=name, retry_in_s=delay)
 
     def _note_accept_resumed(self) -> None:
         assert self._paused_since is not None
-        self._log.info(
+        _log.info(
             "accept_resumed",
             paused_s=round(trio.current_time() - self._paused_since, 6),
-            failures=self._accept_failures,
+            failures=self._failures_in_episode,
         )
         self._paused_since = None
-        self._accept_failures = 0
+        self._failures_in_episode = 0
 
 
 async def serve(  # noqa: ASYNC128 -- Server._run calls started()
     config: Config,
     *,
     listeners: Sequence[trio.SocketListener] | None = None,
+    stages: Sequence[Stage] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve echo on every configured address until shut down or cancelled.
@@ -275,6 +394,9 @@ async def serve(  # noqa: ASYNC128 -- Server._run calls started()
       listeners: serve these instead of binding ``config.hosts``/``port``
           (socket activation, or sockets you opened yourself). ``serve`` takes
           ownership and closes them.
+      stages: the `echosvc.pipeline.Stage` objects every connection passes
+          through before its echo, in order; by default the ones ``config``
+          asks for (`echosvc.pipeline.stages_for`).
       task_status: for ``nursery.start``; receives the `Server`.
 
     Returns:
@@ -291,4 +413,4 @@ async def serve(  # noqa: ASYNC128 -- Server._run calls started()
     """
     if listeners is None:
         listeners = await open_listeners(config)
-    await Server(config, listeners)._run(task_status)
+    await Server(config, listeners, stages)._run(task_status)

@@ -1,26 +1,33 @@
-"""The server end to end, in-process: ``nursery.start(serve, config)`` on loopback.
+"""The server end to end, in-process: ``nursery.start(serve, config)``.
 
-Real sockets and the real clock; every test runs under ``trio.fail_after`` so
-a hang fails instead of stalling the suite. Deadlines here are short real
-ones: on real sockets the autojump clock would jump while the kernel is still
-delivering bytes.
+Two kinds of listener. Tests about addresses, the backlog and the kernel's
+TCP run on loopback TCP with the real clock, under ``trio.fail_after`` so a
+hang fails instead of stalling the suite. Tests about deadlines, the shutdown
+grace and abusive clients serve an ``AF_UNIX`` listener (`unix_server`) under
+``MockClock(autojump_threshold=0)``: the same accept loop, handler and
+`EchoSocketStream`, but ``AF_UNIX`` delivers inside ``send()``, so the clock
+can only jump once the kernel has nothing left to deliver, and every time
+asserted is exact.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
+import math
 import os
-import resource
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import pytest
 import trio
 import trio.testing
 
-from echosvc import BindError, Config, Server, serve
+from echosvc import BindError, CloseReason, Config, Server, serve
 
 from .support import Logs, captured_logs, receive_exactly, receive_until_eof, round_trip
 
@@ -48,7 +55,30 @@ async def running(config: Config) -> AsyncIterator[Server]:
 
 
 async def connect(server: Server, host: str = "127.0.0.1") -> trio.SocketStream:
+    if server.listeners[0].socket.family == socket.AF_UNIX:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(server.listeners[0].socket.getsockname())
+        return trio.SocketStream(sock)
     return await trio.open_tcp_stream(host, server.port)
+
+
+_unix_names = itertools.count()
+
+
+@asynccontextmanager
+async def unix_server(config: Config) -> AsyncIterator[Server]:
+    """A server on an abstract ``AF_UNIX`` listener, for mock-clock tests."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(f"\0echosvc-test-{os.getpid()}-{next(_unix_names)}")
+    sock.listen()
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            partial(serve, config, listeners=[trio.SocketListener(sock)])
+        )
+        try:
+            yield server
+        finally:
+            server.shutdown()
 
 
 def closed_events(logs: Logs) -> list[MutableMapping[str, Any]]:
@@ -143,23 +173,64 @@ async def test_a_peer_that_resets_is_logged_as_reset_with_its_address() -> None:
     assert closed["bytes_out"] == 0
 
 
-async def test_a_chatty_client_outlives_many_read_timeouts_and_an_idle_one_does_not() -> None:
+async def test_a_chatty_client_outlives_many_read_timeouts_and_an_idle_one_does_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """Each line gets read_timeout from the previous echo, on the fast socket path."""
-    with trio.fail_after(TIME_LIMIT), captured_logs() as logs:
+    with captured_logs() as logs:
         async with (
-            running(Config(port=0, read_timeout=0.4)) as server,
+            unix_server(Config(read_timeout=0.4)) as server,
             await connect(server) as client,
         ):
+            started = trio.current_time()
             for i in range(8):  # 1.6 s in all, four read timeouts' worth
                 await trio.sleep(0.2)
                 await round_trip(client, b"%d\n" % i)
-            last_echo = trio.current_time()
             assert await receive_until_eof(client) == b""
-            closed_after = trio.current_time() - last_echo
     [closed] = closed_events(logs)
     assert closed["reason"] == "read_timeout"
     assert closed["lines"] == 8
-    assert 0.35 <= closed_after < 0.8
+    # Exactly one read timeout after the last echo (the clock only jumps).
+    assert closed["duration_s"] == pytest.approx(8 * 0.2 + 0.4)
+    assert trio.current_time() >= started + 2.0
+
+
+async def test_statistics_carry_the_running_totals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """What a metrics endpoint exposes: accepted, closed by reason (every
+    reason from 0), lines and bytes, and the durations."""
+    async with unix_server(Config(read_timeout=5, max_line_bytes=8)) as server:
+        before = server.statistics()
+        assert set(before.closed) == {reason.value for reason in CloseReason}
+        assert set(before.closed.values()) == {0}
+        assert before.duration.buckets[-1] == (math.inf, 0)
+        async with await connect(server) as client:
+            await round_trip(client, b"one\ntwo\n")
+        idle = await connect(server)
+        async with await connect(server) as long:
+            await long.send_all(b"far too long\n")
+            assert await receive_until_eof(long) == b""
+        assert await receive_until_eof(idle) == b""  # cut at 5 s
+        await idle.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        stats = server.statistics()
+    assert stats.accepted == 3
+    assert stats.served == 3
+    assert {k: v for k, v in stats.closed.items() if v} == {
+        "eof": 1,
+        "line_too_long": 1,
+        "read_timeout": 1,
+    }
+    assert (stats.lines, stats.bytes_in, stats.bytes_out) == (2, 8 + 13, 8)
+    assert stats.duration.count == 3
+    assert stats.duration.sum_s == pytest.approx(5, abs=0.01)
+    buckets = dict(stats.duration.buckets)
+    assert buckets[0.001] == 2  # the two that closed at once
+    assert buckets[1.0] == 2
+    assert buckets[5.0] == buckets[math.inf] == 3
+    with pytest.raises(TypeError):
+        stats.closed["eof"] = 0  # type: ignore[index]  # a frozen snapshot
 
 
 # --- abusive clients do not disturb the others ------------------------------
@@ -184,19 +255,22 @@ async def huge_line(client: trio.SocketStream) -> None:
         await client.send_all(b"h" * 65536)
 
 
-ABUSERS: dict[str, tuple[Callable[[trio.SocketStream], Awaitable[None]], str]] = {
-    "trickler": (trickle, "read_timeout"),
-    "never-reader": (never_read, "write_timeout"),
-    "huge-line": (huge_line, "line_too_long"),
+ABUSERS: dict[str, tuple[Callable[[trio.SocketStream], Awaitable[None]], str, float | None]] = {
+    # what it does, the reason it is cut off with, and when (None: at once)
+    "trickler": (trickle, "read_timeout", 0.5),
+    "never-reader": (never_read, "write_timeout", None),
+    "huge-line": (huge_line, "line_too_long", 0.0),
 }
 
 
 @pytest.mark.parametrize("abuser", ABUSERS)
-async def test_an_abusive_client_is_cut_off_while_others_are_served(abuser: str) -> None:
-    behave, expected_reason = ABUSERS[abuser]
-    config = Config(port=0, read_timeout=0.5, write_timeout=0.5, max_line_bytes=4096)
-    with trio.fail_after(TIME_LIMIT), captured_logs() as logs:
-        async with running(config) as server:
+async def test_an_abusive_client_is_cut_off_while_others_are_served(
+    autojump_clock: trio.testing.MockClock, abuser: str
+) -> None:
+    behave, expected_reason, after = ABUSERS[abuser]
+    config = Config(read_timeout=0.5, write_timeout=0.5, max_line_bytes=4096)
+    with captured_logs() as logs:
+        async with unix_server(config) as server:
             async with await connect(server) as bad, await connect(server) as good:
 
                 async def abuse() -> None:
@@ -217,6 +291,10 @@ async def test_an_abusive_client_is_cut_off_while_others_are_served(abuser: str)
             await logs.wait_for("connection_closed", 2)
     first, second = closed_events(logs)
     assert first["reason"] == expected_reason
+    if after is not None:
+        assert first["duration_s"] == pytest.approx(after)
+    else:  # the write deadline: 0.5 s after the echo that stuck began
+        assert 0.5 <= first["duration_s"] < 1.0
     assert second["reason"] == "eof"
     assert second["lines"] == 31
 
@@ -262,33 +340,86 @@ async def test_a_quiet_listener_does_not_starve_a_busy_one_at_the_limit() -> Non
                     await round_trip(client, b"v6\n")
 
 
-async def test_running_out_of_file_descriptors_pauses_accepting_then_resumes() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with trio.fail_after(TIME_LIMIT), captured_logs() as logs:
-        async with running(Config(port=0)) as server:
+class FlakyAccept:
+    """A listening socket whose ``accept()`` fails with ``errors`` first.
+
+    Stands in for ``listener.socket``: the server waits on its descriptor and
+    calls its ``accept()``; everything else goes to the real socket.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, errors: list[int]) -> None:
+        self._sock = sock
+        self.errors = errors
+
+    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
+        await trio.lowlevel.checkpoint()
+        if self.errors:
+            code = self.errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        return await self._sock.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class FlakyListener:
+    def __init__(self, sock: trio.socket.SocketType, errors: list[int]) -> None:
+        self.socket = FlakyAccept(sock, errors)
+
+    @classmethod
+    async def open(cls, errors: list[int]) -> FlakyListener:
+        sock = trio.socket.socket()
+        await sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        return cls(sock, errors)
+
+
+async def test_running_out_of_file_descriptors_pauses_accepting_then_resumes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The accept loop backs off from 5 ms, doubling to 1 s, logs the episode
+    once, and serves the queued connection after it."""
+    listener = await FlakyListener.open([errno.EMFILE] * 9 + [errno.ENFILE] * 2)
+    with captured_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(
+                partial(serve, Config(), listeners=[cast(trio.SocketListener, listener)])
+            )
             client = trio.socket.socket()
-            await client.connect(("127.0.0.1", server.port))  # queued, not yet accepted
-            try:
-                # The kernel hands out the lowest free descriptor: below this
-                # one every descriptor is taken, and the limit forbids it.
-                lowest_free = os.open(os.devnull, os.O_RDONLY)
-                os.close(lowest_free)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
-                await logs.wait_for("accept_paused")
-                await trio.sleep(0.2)  # several failed retries, one log record
-            finally:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await client.connect(listener.socket.getsockname())  # queued, not yet accepted
+            started = trio.current_time()
             stream = trio.SocketStream(client)
             await round_trip(stream, b"served after all\n")
+            waited = trio.current_time() - started
             await stream.aclose()
             await logs.wait_for("connection_closed")
+            server.shutdown()
     [paused] = logs.events("accept_paused")
-    assert paused["error"] == "EMFILE"
-    assert paused["retry_in_s"] == 0.005
+    assert (paused["error"], paused["retry_in_s"]) == ("EMFILE", 0.005)
     [resumed] = logs.events("accept_resumed")
-    # 0.2 s of backoff doubling from 5 ms is a handful of retries, not a spin.
-    assert 2 <= resumed["failures"] <= 8
-    assert resumed["paused_s"] >= 0.2
+    assert resumed["failures"] == 11
+    # 5 + 10 + 20 + ... + 640 ms, then 1 s four times: the backoff, not a spin.
+    backoff = sum(min(0.005 * 2**i, 1.0) for i in range(11))
+    assert resumed["paused_s"] == pytest.approx(backoff)
+    assert waited == pytest.approx(backoff)
+    assert server.statistics().accept_failures == 11
+
+
+async def test_an_unexpected_accept_error_propagates_and_stops_the_server(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """EINVAL is no shortage to wait out: serve() raises instead of spinning."""
+    listener = await FlakyListener.open([errno.ECONNABORTED, errno.EINVAL])
+    einval = pytest.RaisesExc(OSError, check=lambda exc: exc.errno == errno.EINVAL)
+    with pytest.RaisesGroup(einval, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(serve, Config(), listeners=[cast(trio.SocketListener, listener)])
+            )
+            client = trio.socket.socket()
+            await client.connect(listener.socket.getsockname())
+            await trio.sleep_forever()
+    assert listener.socket.errors == [], "the ignorable error was skipped, then EINVAL raised"
 
 
 # --- shutdown ---------------------------------------------------------------
@@ -318,51 +449,78 @@ async def test_graceful_shutdown_closes_listeners_and_drains_connections() -> No
     assert closed["lines"] == 2
 
 
-async def test_an_echo_in_flight_is_cut_when_the_grace_runs_out() -> None:
-    config = Config(port=0, shutdown_grace=0.3, write_timeout=30)
-    with trio.fail_after(TIME_LIMIT), captured_logs() as logs:
-        async with trio.open_nursery() as nursery:
-            server: Server = await nursery.start(serve, config)
+async def fill_until_stuck(client: trio.SocketStream) -> None:
+    """Send lines and never read, until both socket buffers are full."""
+    with trio.move_on_after(0.5):
+        await never_read(client)
+
+
+async def test_an_echo_in_flight_is_cut_when_the_grace_runs_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with captured_logs() as logs:
+        async with unix_server(Config(shutdown_grace=3, write_timeout=30)) as server:
             stuck = await connect(server)
-            with trio.move_on_after(0.5):
-                await never_read(stuck)  # fills both socket buffers
+            await fill_until_stuck(stuck)
             started = trio.current_time()
             server.shutdown()
         took = trio.current_time() - started
         await stuck.aclose()
-    assert 0.25 <= took < 2
+    assert took == pytest.approx(3)
     [closed] = closed_events(logs)
     assert closed["reason"] == "shutdown"
 
 
-async def test_the_write_deadline_still_names_the_reason_during_the_grace() -> None:
-    config = Config(port=0, shutdown_grace=10, write_timeout=0.3)
-    with trio.fail_after(TIME_LIMIT), captured_logs() as logs:
-        async with trio.open_nursery() as nursery:
-            server: Server = await nursery.start(serve, config)
+async def test_the_write_deadline_still_names_the_reason_during_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with captured_logs() as logs:
+        async with unix_server(Config(shutdown_grace=10, write_timeout=2)) as server:
             stuck = await connect(server)
-            with trio.move_on_after(0.2):
-                await never_read(stuck)
+            await fill_until_stuck(stuck)  # the echo that stuck began at once
             started = trio.current_time()
             server.shutdown()
         took = trio.current_time() - started
         await stuck.aclose()
-    assert took < 2
+    assert took == pytest.approx(2 - 0.5)  # the write deadline, not the grace
     [closed] = closed_events(logs)
     assert closed["reason"] == "write_timeout"
 
 
-async def test_zero_grace_cancels_at_once() -> None:
-    with trio.fail_after(TIME_LIMIT), captured_logs() as logs:
-        async with trio.open_nursery() as nursery:
-            server: Server = await nursery.start(serve, Config(port=0, shutdown_grace=0))
+async def test_zero_grace_cancels_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    with captured_logs() as logs:
+        async with unix_server(Config(shutdown_grace=0)) as server:
             client = await connect(server)
             await round_trip(client, b"hi\n")
+            started = trio.current_time()
             server.shutdown()
+        assert trio.current_time() == started
         assert await receive_until_eof(client) == b""
         await client.aclose()
     [closed] = closed_events(logs)
     assert closed["reason"] == "shutdown"
+
+
+async def test_a_shutdown_in_any_pass_after_data_arrives_echoes_all_of_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Server.shutdown (Connection.stop for each) in the pass that delivers a
+    line, or any pass after, until the handler is parked again."""
+    for k in range(40):
+        with captured_logs() as logs:
+            async with unix_server(Config()) as server:
+                client = await connect(server)
+                await round_trip(client, b"warm\n")
+                await trio.testing.wait_all_tasks_blocked()
+                # Synchronous, so it lands in this pass: in the server's queue now.
+                os.write(client.socket.fileno(), b"a line\nand half")
+                for _ in range(k):
+                    await trio.lowlevel.checkpoint()
+                server.shutdown()
+                assert await receive_until_eof(client) == b"a line\nand half", f"k={k}"
+                await client.aclose()
+        [closed] = closed_events(logs)
+        assert (closed["reason"], closed["lines"]) == ("shutdown", 3), f"k={k}"
 
 
 async def test_cancelling_the_callers_scope_stops_everything_and_leaks_nothing() -> None:
