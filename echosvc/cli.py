@@ -150,7 +150,13 @@ def serve(
         for name in ("host", "port")
     )
     run = supervisor.run if config.workers > 1 else daemon.run
-    raise typer.Exit(run(config, address_given=address_given))
+    try:
+        status = run(config, address_given=address_given)
+    except KeyboardInterrupt:
+        # Ctrl-C before the daemon owned its signals (logs, rlimit, binding):
+        # nothing was serving, so exit as __main__ does, quietly.
+        status = 130
+    raise typer.Exit(status)
 
 
 def _parse_workers(value: str) -> int:
@@ -181,9 +187,10 @@ def check(
             help="Host to probe (the first, if the variable lists several).",
         ),
     ] = _DEFAULTS.hosts[0],
-    port: Annotated[int, typer.Option(envvar="ECHOSVC_PORT", help="Port to probe.")] = (
-        _DEFAULTS.port
-    ),
+    # Range-checked here: the C library would quietly wrap 70000 to 4464.
+    port: Annotated[
+        int, typer.Option(envvar="ECHOSVC_PORT", min=1, max=65535, help="Port to probe.")
+    ] = _DEFAULTS.port,
     timeout: Annotated[float, typer.Option(help="Seconds for the whole probe.", min=0.001)] = 2.0,
 ) -> None:
     """Send one random line and expect it back: exit 0 and the round trip, else exit 1."""
@@ -201,9 +208,9 @@ def bench(
     host: Annotated[
         str, typer.Option(envvar="ECHOSVC_HOST", help="Host to load (the first, if several).")
     ] = _DEFAULTS.hosts[0],
-    port: Annotated[int, typer.Option(envvar="ECHOSVC_PORT", help="Port to load.")] = (
-        _DEFAULTS.port
-    ),
+    port: Annotated[
+        int, typer.Option(envvar="ECHOSVC_PORT", min=1, max=65535, help="Port to load.")
+    ] = _DEFAULTS.port,
     connections: Annotated[int, typer.Option(min=1, help="Connections in all.")] = 50,
     size: Annotated[
         int, typer.Option(min=8, max=2**20, help="Bytes per request, newline included.")

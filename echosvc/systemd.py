@@ -122,17 +122,36 @@ def sockets_from_fds(fds: Iterable[int]) -> list[socket.socket]:
     """Socket objects for inherited descriptors (not passed on to children).
 
     Raises:
-      ValueError: a descriptor is not a socket.
+      ValueError: a descriptor is not a socket, or not one echosvc can
+          serve: a stream socket that is not listening (``Accept=yes`` in the
+          socket unit hands over one connected socket per connection).
 
     """
     sockets = []
     for fd in fds:
         try:
             os.set_inheritable(fd, False)
-            sockets.append(socket.socket(fileno=fd))
+            sock = socket.socket(fileno=fd)
         except OSError as exc:
             raise ValueError(f"inherited fd {fd} is not a socket: {exc.strerror}") from None
+        _check_servable(sock)
+        sockets.append(sock)
     return sockets
+
+
+def _check_servable(sock: socket.socket) -> None:
+    fd = sock.fileno()
+    if sock.type == socket.SOCK_STREAM:
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ValueError(
+                f"inherited fd {fd} is a connected stream socket, not a listening one"
+                " (Accept=yes in the socket unit? echosvc needs Accept=no)"
+            )
+        return
+    kind = {socket.SOCK_DGRAM: "a datagram", socket.SOCK_SEQPACKET: "a seqpacket"}.get(
+        sock.type, f"a type {int(sock.type)}"
+    )
+    raise ValueError(f"inherited fd {fd} is {kind} socket; echosvc serves stream sockets")
 
 
 async def report_status(notifier: Notifier, status: Callable[[], list[str]]) -> None:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import datetime
 import os
 import pty
+import re
 import resource
 import select
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import trio
 
+from echosvc import __file__ as echosvc_init
 from echosvc import __version__
 
 from .support import (
@@ -180,6 +183,59 @@ def test_bad_values_are_usage_errors_that_name_the_option(
     assert names in done.stderr
     assert "Traceback" not in done.stderr
     assert "listening" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "bench"])
+@pytest.mark.parametrize("port", ["70000", "0", "-1"])
+def test_check_and_bench_refuse_a_port_out_of_range(command: str, port: str) -> None:
+    """The C library would wrap 70000 to 4464 and probe that instead."""
+    done = run_cli(command, "--port", port)
+    assert done.returncode == 2
+    assert "'--port'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("entry", ["python -m", "console script"])
+async def test_ctrl_c_at_any_moment_of_start_up_exits_quietly(entry: str) -> None:
+    """Before the daemon owns its signals (imports, log set-up) a SIGINT is a
+    quiet exit with 130; after, it is a graceful stop with 0. Never a
+    KeyboardInterrupt traceback. The delays sweep start-up, which takes
+    about half a second here, mostly importing typer and rich.
+
+    The interpreter's own first ~20 ms (``site``, ``runpy`` and what they
+    import, before any code of ours runs) can print a traceback no program
+    can guard against; a delivery that landed there -- a traceback without a
+    single frame of the echosvc package -- is not counted."""
+    package = str(Path(echosvc_init).parent)
+    argv = [*ECHOSVC] if entry == "python -m" else [str(CONSOLE_SCRIPT)]
+    statuses = []
+    for delay in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0, 1.5):
+        process = await trio.lowlevel.open_process(
+            [*argv, "serve", "--port", "0", "--log-format", "json"],
+            env=child_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        await trio.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        assert process.stderr is not None
+        stderr = b""
+        with trio.fail_after(15):
+            while chunk := await process.stderr.receive_some():
+                stderr += chunk
+            status = await process.wait()
+        text = stderr.decode()
+        frames = re.findall(r'File "([^"]+)"', text)
+        if "KeyboardInterrupt" in text and not any(f.startswith(package) for f in frames):
+            continue  # the interpreter's start-up, before echosvc runs
+        assert "Traceback" not in text, (delay, text)
+        assert "KeyboardInterrupt" not in text, (delay, text)
+        # -SIGINT: the signal came before Python had installed its handler.
+        assert status in (130, 0, -signal.SIGINT), (delay, status, text)
+        if status == 0:
+            assert '"event": "shutdown_started"' in text
+        statuses.append(status)
+    assert 130 in statuses, f"no delay landed in start-up: {statuses}"
 
 
 def test_a_port_in_use_is_one_line_and_status_1() -> None:

@@ -599,7 +599,7 @@ def build_opt_echosvc(venv: Path) -> None:
     script.write_text(
         "#!/opt/echosvc/bin/python3\n"
         "import sys\n"
-        "from echosvc.cli import main\n"
+        "from echosvc.__main__ import main\n"
         "if __name__ == '__main__':\n"
         "    sys.exit(main())\n"
     )

@@ -10,6 +10,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import trio
 
 from echosvc import systemd
 
-from .support import Daemon, connect, receive_until_eof, round_trip
+from .support import Daemon, child_env, connect, receive_until_eof, round_trip
 from .test_server import has_ipv6_loopback
 
 TIME_LIMIT = 30
@@ -100,6 +101,78 @@ async def test_serves_the_sockets_systemd_socket_activate_passes(ipv6: bool) -> 
             await first.aclose()
             assert await daemon.stop() == 0
     assert daemon.events("stopped")[0]["connections_served"] == 1 + ipv6
+
+
+@needs_socket_activate
+async def test_a_socket_that_is_not_listening_is_one_clear_line_and_status_1() -> None:
+    """``Accept=yes`` hands the service one connected socket per connection,
+    which echosvc cannot serve: it says so in one line, no traceback."""
+    port = free_port()
+    argv = ["systemd-socket-activate", "--accept", "-E", "PATH", "-l", f"127.0.0.1:{port}"]
+    argv += [sys.executable, "-m", "echosvc", "serve", "--log-format", "json"]
+    with trio.fail_after(TIME_LIMIT):
+        activate = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        client = await connect(port)
+                        break
+                    except OSError:
+                        await trio.sleep(0.05)
+            # The service exits at once: our connection is closed.
+            assert await receive_until_eof(client) == b""
+            await client.aclose()
+            assert activate.stderr is not None
+            output = b""
+            with trio.move_on_after(5):
+                while b"Accept=no" not in output:
+                    output += await activate.stderr.receive_some()
+        finally:
+            activate.kill()
+            await activate.wait()
+    text = output.decode()
+    assert "echosvc: inherited fd 3 is a connected stream socket, not a listening one" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("kind", ["connected", "datagram"])
+def test_an_unservable_inherited_socket_exits_1_with_one_line(kind: str) -> None:
+    """The same protocol by hand, to see the exit status: fd 3 and
+    LISTEN_PID set to the service's own pid (the shell execs it)."""
+    if kind == "connected":
+        ours, theirs = socket.socketpair()
+    else:
+        ours, theirs = socket.socket(type=socket.SOCK_DGRAM), socket.socket(type=socket.SOCK_DGRAM)
+    with ours, theirs:
+        # Put the socket at fd 3 and exec, keeping the pid LISTEN_PID names.
+        trampoline = (
+            "import os, sys; os.dup2(int(sys.argv[1]), 3);"
+            " os.environ['LISTEN_PID'] = str(os.getpid());"
+            " os.execv(sys.executable, [sys.executable, '-m', 'echosvc', 'serve'])"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", trampoline, str(theirs.fileno())],
+            env={**child_env(), "LISTEN_FDS": "1"},
+            pass_fds=[theirs.fileno()],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("echosvc: inherited fd 3 is a ")
+
+
+def test_an_inherited_datagram_or_connected_socket_is_refused_by_name() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        fd = os.dup(udp.fileno())
+        with pytest.raises(ValueError, match=f"inherited fd {fd} is a datagram socket"):
+            systemd.sockets_from_fds([fd])
 
 
 # --- sd_notify --------------------------------------------------------------
