@@ -12,10 +12,13 @@ never fire.
 
 from __future__ import annotations
 
+import io
+import logging
 from typing import Any
 
 import attrs
 import pytest
+import structlog
 import trio
 import trio.lowlevel
 import trio.testing
@@ -126,6 +129,33 @@ async def test_nothing_is_logged_per_line_at_info() -> None:
     assert closed["lines"] == 50
     assert closed["bytes_in"] == closed["bytes_out"] > 0
     assert closed["duration_s"] >= 0
+
+
+async def test_loggers_are_built_once_not_per_record() -> None:
+    """With cache_logger_on_first_use (the daemon's setting) the bound logger
+    is built once; structlog.get_logger() per record built one per record,
+    a third of a filtered debug record's cost."""
+    built = []
+
+    def factory(*args: Any) -> structlog.PrintLogger:
+        built.append(args)
+        return structlog.PrintLogger(file=io.StringIO())
+
+    previous = structlog.get_config()
+    structlog.configure(
+        processors=[structlog.processors.KeyValueRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )
+    try:
+        for _ in range(50):
+            client, server = trio.testing.memory_stream_pair()
+            await client.send_eof()
+            await handle_stream(server, Config())
+    finally:
+        structlog.configure(**previous)
+    assert len(built) <= 1, f"{len(built)} loggers built for 100 records"
 
 
 async def test_handle_stream_returns_the_stats_and_closes_the_stream() -> None:
