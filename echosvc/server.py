@@ -48,6 +48,7 @@ import trio
 from .config import CloseReason, Config
 from .connection import Connection, ConnectionStats
 from .listeners import format_address, open_listeners
+from .netpoll import Netpoller
 from .pipeline import Stage, stages_for
 from .socketstream import EchoSocketStream
 
@@ -213,6 +214,7 @@ class Server:
         self.listeners = list(listeners)
         self.stages = tuple(stages_for(config) if stages is None else stages)
         self._tally = Tally()
+        self._netpoller = Netpoller()
         self._limiter = trio.CapacityLimiter(config.max_connections)
         self._connections: set[Connection] = set()
         self._ids = itertools.count(1)
@@ -273,15 +275,20 @@ class Server:
 
     async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
         try:
-            async with trio.open_nursery() as handlers:
-                self._handlers_scope = handlers.cancel_scope
-                with self._accept_scope:
-                    async with trio.open_nursery() as accepting:
-                        for listener in self.listeners:
-                            accepting.start_soon(self._accept_loop, listener, handlers)
-                        task_status.started(self)
-                # Listeners close at once; connections drain in `handlers`.
-                self._close_listeners()
+            # The netpoller outlives every connection that waits through it,
+            # and its failure cancels them all and is serve()'s error.
+            async with trio.open_nursery() as system:
+                system.start_soon(self._netpoller.run, name="echosvc netpoller")
+                async with trio.open_nursery() as handlers:
+                    self._handlers_scope = handlers.cancel_scope
+                    with self._accept_scope:
+                        async with trio.open_nursery() as accepting:
+                            for listener in self.listeners:
+                                accepting.start_soon(self._accept_loop, listener, handlers)
+                            task_status.started(self)
+                    # Listeners close at once; connections drain in `handlers`.
+                    self._close_listeners()
+                system.cancel_scope.cancel()
         finally:
             self._close_listeners()
 
@@ -329,8 +336,15 @@ class Server:
 
     async def _handle(self, sock: trio.socket.SocketType, addr: object, token: object) -> None:
         try:
+            try:
+                stream = EchoSocketStream.from_trio_socket(sock, self._netpoller)
+            except trio.ClosedResourceError:
+                # The netpoller has stopped, so the server is going down (its
+                # failure is serve()'s error): this connection goes with it.
+                await trio.lowlevel.checkpoint()
+                return
             connection = Connection(
-                EchoSocketStream.from_trio_socket(sock),
+                stream,
                 self.config,
                 conn_id=next(self._ids),
                 peer=format_address(addr),  # type: ignore[arg-type]
