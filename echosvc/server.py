@@ -21,12 +21,17 @@ while the connection stays queued. The loop backs off -- 5 ms doubling to
 1 s, as Go's ``net/http.Server`` does -- and logs ``accept_paused`` once and
 ``accept_resumed`` when an accept succeeds again, instead of
 `trio.serve_listeners`' traceback every 100 ms.
+
+UDP echo (`echosvc.udp`), when there are datagram sockets to serve, runs in
+the accept nursery: a shutdown stops it and closes its sockets at once,
+with the listeners, since a datagram has nothing to drain.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import socket
 from collections.abc import Sequence
 
 import attrs
@@ -35,8 +40,9 @@ import trio
 
 from .config import Config
 from .connection import Connection
-from .listeners import format_address, open_listeners
+from .listeners import format_address, open_listeners_and_udp
 from .socketstream import EchoSocketStream
+from .udp import UdpEcho
 
 __all__ = ["Server", "ServerStatistics", "serve"]
 
@@ -101,12 +107,19 @@ class Server:
 
     Attributes:
       listeners: the `trio.SocketListener` objects being served.
+      udp: the UDP echo and its counters (`echosvc.udp.UdpEcho`), or None.
 
     """
 
-    def __init__(self, config: Config, listeners: Sequence[trio.SocketListener]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listeners: Sequence[trio.SocketListener],
+        udp_sockets: Sequence[socket.socket] = (),
+    ) -> None:
         self.config = config
         self.listeners = list(listeners)
+        self.udp = UdpEcho(udp_sockets, config) if udp_sockets else None
         self._limiter = trio.CapacityLimiter(config.max_connections)
         self._connections: set[Connection] = set()
         self._ids = itertools.count(1)
@@ -121,12 +134,19 @@ class Server:
 
     @property
     def addresses(self) -> list[str]:
-        """Every listening address as ``"host:port"`` (``"[::1]:port"`` for IPv6)."""
-        return [format_address(listener.socket.getsockname()) for listener in self.listeners]
+        """Every listening address as ``"host:port"`` (``"[::1]:port"`` for IPv6).
+
+        UDP echo addresses follow, as ``"udp://host:port"``.
+        """
+        udp = self.udp.addresses if self.udp is not None else []
+        return [format_address(listener.socket.getsockname()) for listener in self.listeners] + udp
 
     @property
     def port(self) -> int:
         """The port of the first listener (all share it when ``serve`` bound them)."""
+        if not self.listeners and self.udp is not None:  # UDP alone, socket-activated
+            udp_port: int = self.udp.sockets[0].getsockname()[1]
+            return udp_port
         port: int = self.listeners[0].socket.getsockname()[1]
         return port
 
@@ -166,6 +186,8 @@ class Server:
                     async with trio.open_nursery() as accepting:
                         for listener in self.listeners:
                             accepting.start_soon(self._accept_loop, listener, handlers)
+                        if self.udp is not None:  # stops with accepting, at once
+                            accepting.start_soon(self.udp.serve)
                         task_status.started(self)
                 # Listeners close at once; connections drain in `handlers`.
                 self._close_listeners()
@@ -175,6 +197,8 @@ class Server:
     def _close_listeners(self) -> None:
         for listener in self.listeners:
             listener.socket.close()
+        if self.udp is not None:
+            self.udp.close()
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         sock, limiter = listener.socket, self._limiter
@@ -257,6 +281,7 @@ async def serve(  # noqa: ASYNC128 -- Server._run calls started()
     config: Config,
     *,
     listeners: Sequence[trio.SocketListener] | None = None,
+    udp_sockets: Sequence[socket.socket] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve echo on every configured address until shut down or cancelled.
@@ -275,6 +300,9 @@ async def serve(  # noqa: ASYNC128 -- Server._run calls started()
       listeners: serve these instead of binding ``config.hosts``/``port``
           (socket activation, or sockets you opened yourself). ``serve`` takes
           ownership and closes them.
+      udp_sockets: bound UDP sockets to serve UDP echo on, besides those
+          ``config.udp`` binds (one per listener address, only when
+          ``listeners`` is not given). ``serve`` takes ownership of them too.
       task_status: for ``nursery.start``; receives the `Server`.
 
     Returns:
@@ -290,5 +318,6 @@ async def serve(  # noqa: ASYNC128 -- Server._run calls started()
 
     """
     if listeners is None:
-        listeners = await open_listeners(config)
-    await Server(config, listeners)._run(task_status)
+        listeners, bound_udp = await open_listeners_and_udp(config)
+        udp_sockets = [*(udp_sockets or ()), *bound_udp]
+    await Server(config, listeners, udp_sockets or ())._run(task_status)
