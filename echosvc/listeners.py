@@ -274,8 +274,8 @@ def take_datagram_sockets(
             continue
         if sock.family not in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
             raise ValueError(
-                f"inherited fd {sock.fileno()} is a {sock.family.name} datagram socket;"
-                " only UDP (IPv4 or IPv6) is served"
+                f"inherited fd {sock.fileno()} is a datagram socket of family"
+                f" {sock.family.name}; only UDP (IPv4 or IPv6) is served"
             )
         if sock.getsockname()[1] == 0:
             raise ValueError(f"inherited fd {sock.fileno()} is a UDP socket bound to no port")
