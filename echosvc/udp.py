@@ -176,8 +176,8 @@ class UdpEcho:
     """Serves UDP echo on bound datagram sockets; owns them and their counters.
 
     Run `serve` in a nursery and cancel it to stop; `close` releases the
-    sockets. Counters are on the instance
-    (`statistics`), never module-global.
+    sockets. The counters live on the instance (`statistics`), so two
+    servers in one process share nothing.
 
     Args:
       sockets: bound ``SOCK_DGRAM`` sockets (IPv4 or IPv6).
