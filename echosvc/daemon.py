@@ -33,7 +33,7 @@ import trio
 
 from . import logs, systemd
 from .config import Config
-from .listeners import BindError, adopt_listeners, open_listeners
+from .listeners import BindError, adopt_listeners, open_listeners_and_udp, take_datagram_sockets
 from .server import Server, serve
 
 __all__ = ["StopControl", "raise_open_files_limit", "run", "take_inherited_sockets"]
@@ -87,31 +87,45 @@ def run(config: Config, *, address_given: bool = False) -> int:
     raise_open_files_limit()
     try:
         inherited = take_inherited_sockets()
+        # Datagram sockets (ListenDatagram=) serve the UDP echo.
+        udp_inherited, inherited = take_datagram_sockets(inherited)
     except ValueError as exc:
         print(f"echosvc: {exc}", file=sys.stderr)
         return 1
-    return trio.run(_main, config, inherited, address_given, worker)
+    return trio.run(_main, config, inherited, address_given, worker, udp_inherited)
 
 
 async def _main(
-    config: Config, inherited: list[socket.socket], address_given: bool, worker: int | None
+    config: Config,
+    inherited: list[socket.socket],
+    address_given: bool,
+    worker: int | None,
+    udp_inherited: list[socket.socket],
 ) -> int:
     log = structlog.get_logger("echosvc")
     notifier = systemd.Notifier()
     # Signals are ours from the first moment, so a SIGTERM during start-up
     # is a graceful stop too, not a KeyboardInterrupt traceback.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        if inherited:
+        if inherited or udp_inherited:
             listeners = adopt_listeners(inherited)
+            udp_sockets = udp_inherited
             activation = "systemd"
             if address_given and worker is None:  # a supervisor set them, and warned
                 log.warning(
                     "address_ignored",
                     reason="socket activation: serving the sockets systemd passed",
                 )
+            if config.udp and not udp_inherited and worker is None:
+                log.warning(
+                    "address_ignored",
+                    reason="socket activation: --udp needs a datagram socket (ListenDatagram=)",
+                )
         else:
             try:
-                listeners = await open_listeners(config, reuse_port=worker is not None)
+                listeners, udp_sockets = await open_listeners_and_udp(
+                    config, reuse_port=worker is not None
+                )
             except BindError as exc:
                 print(f"echosvc: {exc.strerror}", file=sys.stderr)
                 return 1
@@ -126,7 +140,7 @@ async def _main(
 
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
-                partial(_serve_then_stop, config, listeners, nursery.cancel_scope)
+                partial(_serve_then_stop, config, listeners, nursery.cancel_scope, udp_sockets)
             )
             log.info(
                 "listening",
@@ -236,10 +250,11 @@ async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
     config: Config,
     listeners: list[trio.SocketListener],
     daemon_scope: trio.CancelScope,
+    udp_sockets: list[socket.socket],
     *,
     task_status: trio.TaskStatus[Server],
 ) -> None:
-    await serve(config, listeners=listeners, task_status=task_status)
+    await serve(config, listeners=listeners, udp_sockets=udp_sockets, task_status=task_status)
     # Drained: the status reporter, the watchdog and the signal loop go too.
     daemon_scope.cancel()
 
