@@ -49,6 +49,19 @@ with only public ``trio.lowlevel`` API:
   a deadline never beats it, and a client that never stops sending cannot
   put a cancellation off.
 
+* **Chosen by measurement.** The poller pays once per wake-up (its own Trio
+  wait, one ``epoll_wait``, a task switch); Trio's waits pay once per wait.
+  With one busy connection every wake-up carries one event and the poller
+  costs more than it saves (rr1: about +35 us of server CPU per request,
+  ``bench/RESULTS.md``); from about three events per wake-up (eight busy
+  connections) it saves more than it costs. So the poller measures its
+  batches: when a one-second window averages fewer than `BATCH_MIN` events
+  per wake-up it goes *direct* -- wakes every task parked on it, which then
+  wait through Trio's own ``wait_readable`` -- and stops waiting on its
+  epoll set. The set keeps collecting edges meanwhile, so a probe four
+  times a second counts the sockets that were active; from `ACTIVE_MIN` of
+  them it takes over again. No flag: the load decides.
+
 A failure of the poller task propagates to the nursery that runs it (the
 server's), instead of leaving connections parked forever.
 """
@@ -71,6 +84,14 @@ _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 # Events taken per epoll_wait: Go's netpoll takes 128.
 MAX_EVENTS = 128
+
+# The measured crossover (bench/RESULTS.md, "The netpoller"): below about
+# three events per wake-up the poller costs more than Trio's own waits; from
+# eight connections active within a probe it saves more.
+BATCH_MIN = 3.0
+ACTIVE_MIN = 8
+WINDOW_S = 1.0
+PROBE_S = 0.25
 
 
 class Registration:
@@ -135,6 +156,11 @@ class Registration:
         if self.closed:
             raise trio.ClosedResourceError("another task closed this socket")
 
+    @property
+    def direct(self) -> bool:
+        """Whether to wait through Trio's own I/O (the poller went direct)."""
+        return self._poller.direct
+
     def close(self) -> None:
         """Leave the poller and wake any waiter (with ClosedResourceError).
 
@@ -192,6 +218,11 @@ class Netpoller:
 
     Args:
       max_events: events taken per ``epoll_wait``, the fixed-size buffer.
+      adapt: go direct and back as the load says; ``False`` always polls
+          (for tests of the polling path itself).
+
+    Attributes:
+      direct: True while the connections wait through Trio's own I/O.
 
     Resource handling:
       `run` owns the epoll descriptor and closes it when it returns or is
@@ -199,10 +230,12 @@ class Netpoller:
 
     """
 
-    def __init__(self, *, max_events: int = MAX_EVENTS) -> None:
+    def __init__(self, *, max_events: int = MAX_EVENTS, adapt: bool = True) -> None:
         self._epoll = select.epoll()
         self._max_events = max_events
+        self._adapt = adapt
         self._registered: dict[int, Registration] = {}
+        self.direct = False
         self.wakeups = 0
         self.events = 0
 
@@ -243,15 +276,39 @@ class Netpoller:
         """The poller task: wake the tasks whose sockets are ready, until cancelled."""
         try:
             fd = self._epoll.fileno()
+            window_end = trio.current_time() + WINDOW_S
+            window_wakeups = window_events = 0
             while True:
+                if self.direct:
+                    await trio.sleep(PROBE_S)
+                    if self.poll_now() >= ACTIVE_MIN:
+                        self.direct = False
+                        window_end = trio.current_time() + WINDOW_S
+                        window_wakeups = window_events = 0
+                    continue
                 await trio.lowlevel.wait_readable(fd)
                 self.wakeups += 1
-                while self.poll_now() == self._max_events:
+                window_wakeups += 1
+                while (events := self.poll_now()) == self._max_events:
                     # A full buffer: more may be ready. Let the tasks just
                     # woken run before taking the next batch.
+                    window_events += events
                     await trio.lowlevel.checkpoint()
+                window_events += events
+                if self._adapt and trio.current_time() >= window_end:
+                    if window_events < BATCH_MIN * window_wakeups:
+                        self._go_direct()
+                    window_end = trio.current_time() + WINDOW_S
+                    window_wakeups = window_events = 0
         finally:
             self._close()
+
+    def _go_direct(self) -> None:
+        """Hand every parked task back to Trio's own waits."""
+        self.direct = True
+        for registration in self._registered.values():
+            registration._wake_reader()
+            registration._wake_writer()
 
     def _forget(self, registration: Registration) -> None:
         if self._registered.get(registration.fd) is registration:

@@ -133,6 +133,8 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
                 raise _translate(exc) from None
         elif poll.writable:
             await trio.lowlevel.checkpoint()
+        elif poll.direct:
+            await trio.lowlevel.wait_writable(self._sock)
         else:
             await poll.wait_writable()
 
@@ -163,6 +165,8 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
         while True:
             if poll.readable:
                 await trio.lowlevel.checkpoint()  # a schedule point, for fairness
+            elif poll.direct:  # few connections are busy: Trio's own wait is cheaper
+                await trio.lowlevel.wait_readable(self._sock)
             else:
                 await poll.wait_readable()
             try:

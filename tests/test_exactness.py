@@ -129,7 +129,7 @@ async def socket_connection(
     client = SocketClient(client_sock)
     with client_sock:
         async with trio.open_nursery() as system:
-            poller = Netpoller() if netpoll else None
+            poller = Netpoller(adapt=False) if netpoll else None  # always polling
             if poller is not None:
                 system.start_soon(poller.run)
             async with trio.open_nursery() as nursery:

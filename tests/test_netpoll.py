@@ -36,9 +36,10 @@ def kernel_registrations(poller: Netpoller) -> int:
 
 
 @asynccontextmanager
-async def running_poller() -> AsyncIterator[Netpoller]:
+async def running_poller(*, adapt: bool = False) -> AsyncIterator[Netpoller]:
+    """A poller in its own task; by default always polling, never direct."""
     async with trio.open_nursery() as nursery:
-        poller = Netpoller()
+        poller = Netpoller(adapt=adapt)
         nursery.start_soon(poller.run)
         yield poller
         nursery.cancel_scope.cancel()
@@ -211,6 +212,43 @@ async def test_a_receive_on_a_socket_known_readable_is_still_a_checkpoint() -> N
                 with trio.testing.assert_checkpoints():
                     assert len(await stream.receive_some(1000)) == 1000
             stream.close()
+
+
+async def test_the_load_decides_between_polling_and_trios_own_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One busy connection: the poller's wake-ups carry one event each, so it
+    goes direct. Sixteen busy at once: it takes over again. Every echo along
+    the way is exact, switches included."""
+    async with running_poller(adapt=True) as poller:
+        pairs = [pair(poller) for _ in range(16)]
+        async with trio.open_nursery() as nursery:
+            for stream, _ in pairs:
+                nursery.start_soon(Connection(stream, Config()).run)
+
+            async def round_trips(client: socket.socket, count: int) -> None:
+                for i in range(count):
+                    line = b"%d\n" % i
+                    client.send(line)
+                    received = b""
+                    while len(received) < len(line):
+                        await trio.lowlevel.wait_readable(client)
+                        received += client.recv(100)
+                    assert received == line
+                    await trio.sleep(0.01)
+
+            assert not poller.direct
+            await round_trips(pairs[0][1], 300)  # 3 s, one connection
+            assert poller.direct, "one busy connection: Trio's waits are cheaper"
+            async with trio.open_nursery() as busy:
+                for _, client in pairs:
+                    busy.start_soon(round_trips, client, 150)
+                await trio.sleep(1)
+                assert not poller.direct, "sixteen busy connections: the poller pays"
+            for _, client in pairs:
+                client.shutdown(socket.SHUT_WR)
+        for _, client in pairs:
+            client.close()
 
 
 FLOOD_S = 10.0
