@@ -19,11 +19,13 @@ wire protocol is `echosvc.workers`) and:
   ``listening`` and sends its own ``READY=1``, then ``STATUS=`` with the
   totals -- unless a stop began first: nothing is announced after
   ``STOPPING=1``. A worker also sends a heartbeat (``WATCHDOG=1``) twice a
-  second from its loop; each heartbeat pushes back the deadline of a cancel
-  scope around that process, and when ``--worker-timeout`` passes without
-  one (counted from the spawn until the first) the scope fires, the
-  process is SIGKILLed (``worker_unresponsive``) and restarted as if it had
-  died.
+  second from its loop. A watch per process sleeps in a cancel scope whose
+  deadline each heartbeat pushes back to ``--worker-timeout`` later
+  (counted from the spawn until the first). When it fires, and no
+  heartbeat is still waiting to be read (the late one may be the
+  supervisor itself, stopped or starved), the watch cancels the scope
+  around the process, which SIGKILLs it (``worker_unresponsive``); it is
+  restarted as if it had died.
 * **forwards requests.** SIGTERM/SIGINT and SIGHUP become ``stop``,
   ``force`` and ``reload`` orders down every worker's stdin. Workers run
   in process groups of their own and ignore signals, so that a Ctrl-C, a
@@ -43,7 +45,6 @@ wire protocol is `echosvc.workers`) and:
 from __future__ import annotations
 
 import collections
-import math
 import os
 import signal
 import socket
@@ -80,10 +81,12 @@ class _Spawn:
     """One process of a worker, from its spawn to its exit."""
 
     heard_at: float  # the last heartbeat, or the spawn
-    # Its deadline is the heartbeat's; when it fires, the process is killed.
-    silence: trio.CancelScope
-    # Set on a forced stop: the process has that long to exit.
+    # The heartbeat watch's: each heartbeat pushes its deadline back.
+    silence: trio.CancelScope | None = None
+    # Around the process: cancelled, it kills the process. Cancelled by the
+    # heartbeat watch; a forced stop sets its deadline.
     kill: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    unresponsive: bool = False
     process: trio.Process | None = None
     spawn_error: OSError | None = None
     killed_at: float | None = None
@@ -219,12 +222,7 @@ class _Supervisor:
 
     async def _run_once(self, worker: _Worker, port: int, service: trio.Nursery) -> _Spawn:
         """Spawn one process for ``worker`` and return once it has exited."""
-        timeout = self.config.worker_timeout
-        now = trio.current_time()
-        spawn = _Spawn(
-            heard_at=now,
-            silence=trio.CancelScope(deadline=now + timeout if timeout > 0 else math.inf),
-        )
+        spawn = _Spawn(heard_at=trio.current_time())
         # Bound before the spawn, so the worker's first report has somewhere to go.
         reports, notify_socket = workers.open_report_socket(worker.index)
         worker.spawn = spawn
@@ -232,7 +230,9 @@ class _Supervisor:
             with reports:
                 async with trio.open_nursery() as listening:
                     listening.start_soon(self._listen, spawn, reports, service)
-                    with spawn.kill, spawn.silence:
+                    if self.config.worker_timeout > 0:
+                        listening.start_soon(self._watch_heartbeats, spawn, reports, service)
+                    with spawn.kill:
                         await self._spawn_and_wait(worker, spawn, port, notify_socket)
                     listening.cancel_scope.cancel()
                 # Its last words (the final counts) are already queued.
@@ -281,6 +281,21 @@ class _Supervisor:
                 if self.standing_order is not None:
                     workers.send_order(process, self.standing_order)
 
+    async def _watch_heartbeats(
+        self, spawn: _Spawn, reports: socket.socket, service: trio.Nursery
+    ) -> None:
+        timeout = self.config.worker_timeout
+        while True:
+            with trio.CancelScope(deadline=spawn.heard_at + timeout) as spawn.silence:
+                await trio.sleep_forever()
+            # Heartbeats still queued count: the one late may be us, stopped
+            # or starved, and healthy workers must not pay for that.
+            self._take_reports(spawn, reports, service)
+            if trio.current_time() >= spawn.heard_at + timeout:
+                break
+        spawn.unresponsive = True
+        spawn.kill.cancel()
+
     async def _listen(self, spawn: _Spawn, reports: socket.socket, service: trio.Nursery) -> None:
         while True:
             await trio.lowlevel.wait_readable(reports)
@@ -295,7 +310,7 @@ class _Supervisor:
             report = workers.parse_report(datagram)
             if report.heartbeat:
                 spawn.heard_at = trio.current_time()
-                if self.config.worker_timeout > 0:
+                if spawn.silence is not None:
                     spawn.silence.deadline = spawn.heard_at + self.config.worker_timeout
             if report.active is not None:
                 spawn.active = report.active
@@ -330,13 +345,13 @@ class _Supervisor:
 
     def _expected_after_stop(self, ended: _Spawn) -> bool:
         """Whether an exit after a stop is the one the order asked for."""
-        if ended.process is None or ended.silence.cancelled_caught:
+        if ended.process is None or ended.unresponsive:
             return False
         forced = self.standing_order is not None and self.standing_order.verb is Verb.FORCE
         return ended.process.returncode in ((0, 1) if forced else (0,))
 
     def _report_exit(self, worker: _Worker, ended: _Spawn, *, restart_in_s: float | None) -> None:
-        if ended.silence.cancelled_caught:
+        if ended.unresponsive:
             assert ended.killed_at is not None
             self.log.warning(
                 "worker_unresponsive",
@@ -390,7 +405,7 @@ class _Supervisor:
 
 
 async def _kill(spawn: _Spawn, process: trio.Process) -> None:
-    """A fired scope (silence, a forced stop) or our own failure: end it now."""
+    """The heartbeat watch, a forced stop, or our own failure: end it now."""
     spawn.killed_at = trio.current_time()
     process.kill()
     await trio.lowlevel.checkpoint()

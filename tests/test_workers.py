@@ -483,6 +483,12 @@ async def test_a_wedged_worker_is_killed_after_the_timeout_and_replaced() -> Non
                 nursery, "--port=0", "--workers=2", f"--worker-timeout={WORKER_TIMEOUT:g}"
             )
             await wait_for_supervisor(daemon, 2)
+            # The supervisor itself stopped for longer than the timeout: its
+            # workers kept beating, and are not killed for its own lateness.
+            daemon.send_signal(signal.SIGSTOP)
+            wait_until_stopped(daemon.process.pid)
+            await trio.sleep(WORKER_TIMEOUT + 0.5)
+            daemon.send_signal(signal.SIGCONT)
             victim = live_workers(daemon)[1]
             try:
                 os.kill(victim, signal.SIGSTOP)  # its loop stops, its socket stays open
