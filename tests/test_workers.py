@@ -425,7 +425,7 @@ async def test_a_stop_ends_a_restart_back_off_at_once() -> None:
         for name in ("shutdown_started", "stopped")
     )
     # Worker 0's drain, not what was left of the back-off.
-    assert (ended - began).total_seconds() < 0.6
+    assert (ended - began).total_seconds() < 0.7
 
 
 # --- deaths that must not take the service down -----------------------------------
