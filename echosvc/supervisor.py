@@ -223,8 +223,12 @@ class _Supervisor:
     async def _run_once(self, worker: _Worker, port: int, service: trio.Nursery) -> _Spawn:
         """Spawn one process for ``worker`` and return once it has exited."""
         spawn = _Spawn(heard_at=trio.current_time())
-        # Bound before the spawn, so the worker's first report has somewhere to go.
-        reports, notify_socket = workers.open_report_socket(worker.index)
+        try:
+            # Bound before the spawn, so the worker's first report has somewhere to go.
+            reports, notify_socket = workers.open_report_socket(worker.index)
+        except OSError as exc:  # EMFILE, ENOBUFS: as good as a failed spawn
+            spawn.spawn_error = exc
+            return spawn
         worker.spawn = spawn
         try:
             with reports:
@@ -272,7 +276,7 @@ class _Supervisor:
                         deliver_cancel=partial(_kill, spawn),
                     )
                 )
-            except OSError as exc:  # fork or exec failed: EAGAIN, ENOMEM, ENOENT...
+            except OSError as exc:  # pipe, fork or exec failed: EMFILE, EAGAIN, ENOENT...
                 spawn.spawn_error = exc
             else:
                 spawn.process = process
