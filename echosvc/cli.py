@@ -119,6 +119,13 @@ def serve(
             help="Processes sharing the port; auto: one per CPU available.",
         ),
     ] = str(_DEFAULTS.workers),
+    worker_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="ECHOSVC_WORKER_TIMEOUT",
+            help="Seconds a worker may go without a heartbeat before it is killed; 0: off.",
+        ),
+    ] = _DEFAULTS.worker_timeout,
     log_format: Annotated[
         LogFormat,
         typer.Option(envvar="ECHOSVC_LOG_FORMAT", help="auto: console on a TTY, else JSON."),
@@ -161,6 +168,7 @@ def serve(
             shutdown_grace=shutdown_grace,
             backlog=backlog,
             workers=_parse_workers(workers),
+            worker_timeout=worker_timeout,
             log_format=log_format,
             log_level=log_level,
             udp=udp,

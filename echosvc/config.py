@@ -80,6 +80,14 @@ def _seconds(inst: object, attribute: attrs.Attribute[float], value: float) -> N
         raise ConfigError(attribute.name, f"must be a number of seconds >= 0, not {value!r}")
 
 
+def _worker_timeout(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    _seconds(inst, attribute, value)
+    # Workers send a heartbeat every 0.5 s (`echosvc.workers`): a shorter
+    # timeout would kill healthy workers between two of them.
+    if 0 < value < 1:
+        raise ConfigError(attribute.name, f"must be 0 (off) or at least 1 second, not {value!r}")
+
+
 def _whole(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(attribute.name, f"must be a whole number, not {value!r}")
@@ -154,8 +162,8 @@ class Config:
     """Everything that decides how echosvc behaves.
 
     The defaults are DESIGN.md's. A timeout of ``0`` disables that deadline.
-    ``workers``, ``log_format`` and ``log_level`` are read only by the
-    daemon (`echosvc.daemon`, `echosvc.supervisor`): the library serves in
+    ``workers``, ``worker_timeout``, ``log_format`` and ``log_level`` are
+    read only by the daemon (`echosvc.daemon`, `echosvc.supervisor`): the library serves in
     the process and task it is given, and never configures logging.
 
     Raises:
@@ -178,6 +186,7 @@ class Config:
         default=None, validator=attrs.validators.optional(_at_least_one)
     )
     workers: int = attrs.field(default=1, validator=_at_least_one)
+    worker_timeout: float = attrs.field(default=30.0, validator=_worker_timeout)
     log_format: LogFormat = attrs.field(default=LogFormat.AUTO, converter=_log_format)
     log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=_log_level)
     # UDP echo (RFC 862's datagram half): off unless asked for; see echosvc.udp.

@@ -12,10 +12,16 @@ process exits 0 once the connections have drained. A second signal cancels
 everything at once and the process exits 1. ``STATUS=`` and ``WATCHDOG=1``
 are sent until the very end, through the shutdown grace.
 
-A worker started by `echosvc.supervisor` is this same daemon with two
-differences, both set through the environment by its supervisor: it binds
-with ``SO_REUSEPORT`` (or adopts the sockets the supervisor passed), and its
-notify socket is the supervisor's, to which it also reports its counters.
+SIGHUP is a reload request: it logs ``reload_requested`` and runs the
+`Reloads` hooks, stopping nothing. Nothing registers one yet (the TLS
+certificates will), so today a SIGHUP changes nothing.
+
+A worker started by `echosvc.supervisor` is this same daemon, told so by
+its environment (`echosvc.workers` has the protocol): it binds with
+``SO_REUSEPORT`` (or adopts the sockets the supervisor passed), its notify
+socket is the supervisor's, to which it also reports its counters and sends
+a heartbeat from its loop, and it takes stop and reload requests from its
+supervisor's orders only, never from signals.
 """
 
 from __future__ import annotations
@@ -25,22 +31,19 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import structlog
 import trio
 
-from . import logs, systemd
+from . import logs, systemd, workers
 from .config import Config
 from .listeners import BindError, adopt_listeners, open_listeners_and_udp, take_datagram_sockets
 from .server import Server, serve
+from .workers import LISTEN_FDS_ENV, WORKER_ENV, StopControl
 
-__all__ = ["StopControl", "raise_open_files_limit", "run", "take_inherited_sockets"]
-
-# Set by the supervisor for its workers; not for people.
-WORKER_ENV = "_ECHOSVC_WORKER"
-LISTEN_FDS_ENV = "_ECHOSVC_LISTEN_FDS"
+__all__ = ["Reloads", "raise_open_files_limit", "run", "take_inherited_sockets"]
 
 
 def raise_open_files_limit() -> int:
@@ -106,7 +109,7 @@ async def _main(
     notifier = systemd.Notifier()
     # Signals are ours from the first moment, so a SIGTERM during start-up
     # is a graceful stop too, not a KeyboardInterrupt traceback.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         if inherited or udp_inherited:
             listeners = adopt_listeners(inherited)
             udp_sockets = udp_inherited
@@ -138,7 +141,12 @@ async def _main(
             exit_status = 1
             nursery.cancel_scope.cancel()
 
+        reloads = Reloads()
         async with trio.open_nursery() as nursery:
+            if worker is not None:
+                # From the loop's first moment: a worker wedged in its
+                # start-up is noticed too.
+                nursery.start_soon(workers.send_heartbeats, notifier)
             server: Server = await nursery.start(
                 partial(_serve_then_stop, config, listeners, nursery.cancel_scope, udp_sockets)
             )
@@ -156,12 +164,14 @@ async def _main(
             interval = systemd.watchdog_interval()
             if interval is not None and notifier.enabled:
                 nursery.start_soon(systemd.keep_watchdog_fed, notifier, interval)
+            nursery.start_soon(reloads.run)
             control = StopControl(
                 notifier,
                 active=lambda: server.statistics().active,
                 grace_s=config.shutdown_grace,
                 stop=lambda _: server.shutdown(),
                 force=force,
+                reload=reloads.request,
             )
             if worker is None:
                 await control.watch_signals(signals)
@@ -171,7 +181,7 @@ async def _main(
                 # KillMode) reaches the supervisor too, which passes it on;
                 # counting it here as well could make one request two.
                 nursery.start_soon(_ignore, signals)
-                await control.watch_supervisor(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))
+                await workers.obey(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())), control)
                 await trio.sleep_forever()  # until the drain ends
         log.info("stopped", connections_served=server.statistics().served)
         notifier.send(*status())  # a supervisor adds up the final counts
@@ -179,71 +189,45 @@ async def _main(
         return exit_status
 
 
-class StopControl:
-    """Turns stop requests into one graceful stop, then a forced one.
+ReloadHook = Callable[[], Awaitable[None]]
 
-    Requests come from signals (SIGTERM, SIGINT) or, in a worker, only from
-    the supervisor, over stdin. The first request logs ``shutdown_started``,
-    sends ``STOPPING=1`` and calls ``stop``; a second *signal* logs
-    ``shutdown_forced`` and calls ``force``.
+
+class Reloads:
+    """What a reload request (SIGHUP, or a supervisor's ``reload`` order) reloads.
+
+    A part that can reload registers a hook with `add` (the TLS stage will
+    register one that reads its certificates again). `request` logs
+    ``reload_requested`` at once, with ``reloads`` naming the hooks (empty:
+    there is nothing to reload); `run` calls the hooks in order, one reload
+    at a time, and requests that arrive during a reload make one more, not
+    one each. A hook reports its own outcome (``tls_reloaded``,
+    ``tls_reload_failed``) and keeps what it had when loading fails; an
+    exception out of a hook is a bug and propagates. The systemd
+    ``RELOADING=1``/``READY=1`` bracket belongs around the hooks in `run`,
+    once there are any.
     """
 
-    def __init__(
-        self,
-        notifier: systemd.Notifier,
-        *,
-        active: Callable[[], int],
-        grace_s: float,
-        stop: Callable[[str | None], None],
-        force: Callable[[str | None], None],
-    ) -> None:
-        self._notifier = notifier
-        self._active = active
-        self._grace_s = grace_s
-        self._stop = stop
-        self._force = force
+    def __init__(self) -> None:
+        self._hooks: list[tuple[str, ReloadHook]] = []
+        self._wanted = trio.Event()
         self._log = structlog.get_logger("echosvc")
-        self.stopping = False
 
-    def request(self, signal_name: str | None, *, escalate: bool = True) -> None:
-        """A stop request; ``escalate=False`` never turns it into a forced stop."""
-        if not self.stopping:
-            self.stopping = True
-            self._log.info(
-                "shutdown_started", signal=signal_name, active=self._active(), grace_s=self._grace_s
-            )
-            self._notifier.send("STOPPING=1")
-            self._stop(signal_name)
-        elif escalate:
-            self._log.warning("shutdown_forced", signal=signal_name, active=self._active())
-            self._force(signal_name)
+    def add(self, name: str, hook: ReloadHook) -> None:
+        self._hooks.append((name, hook))
 
-    async def watch_signals(self, signals: AsyncIterator[int]) -> None:
-        """Run until cancelled (by whoever sees the drain finish)."""
-        async for signum in signals:
-            self.request(signal.Signals(signum).name)
+    def request(self, signal_name: str | None) -> None:
+        self._log.info(
+            "reload_requested", signal=signal_name, reloads=[name for name, _ in self._hooks]
+        )
+        self._wanted.set()
 
-    async def watch_supervisor(self, commands: trio.abc.ReceiveStream) -> None:
-        """A worker's orders, one per line: ``stop SIGNAL`` or ``force SIGNAL``.
-
-        The supervisor forwards the signals it receives this way rather than
-        as signals, so that a signal sent to the whole process group (Ctrl-C
-        on a terminal, systemd's default KillMode) is not counted twice. If
-        the supervisor goes away (EOF), the worker stops gracefully.
-        """
-        buffer = b""
-        while chunk := await commands.receive_some():
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                order, _, name = line.decode(errors="replace").partition(" ")
-                if order == "stop":
-                    self.request(name or None, escalate=False)
-                elif order == "force":
-                    if not self.stopping:
-                        self.request(name or None)
-                    self.request(name or None)
-        self.request(None, escalate=False)
+    async def run(self) -> None:
+        """Carry out requests until cancelled."""
+        while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            for _, hook in self._hooks:
+                await hook()
 
 
 async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
@@ -269,6 +253,6 @@ def _status(server: Server, *, counters: bool) -> list[str]:
     noun = "connection" if stats.active == 1 else "connections"
     verb = "serving" if stats.accepting else "draining"
     status = [f"STATUS={verb} {stats.active} {noun}"]
-    if counters:  # for a supervisor; sd_notify(3) reserves X_ names for this
-        status += [f"X_ECHOSVC_ACTIVE={stats.active}", f"X_ECHOSVC_SERVED={stats.served}"]
+    if counters:  # for a supervisor
+        status += workers.counters(stats.active, stats.served)
     return status
