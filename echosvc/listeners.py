@@ -86,11 +86,34 @@ async def reserve_addresses(config: Config) -> list[trio.socket.SocketType]:
     addresses) so that worker processes can bind it with ``SO_REUSEPORT``;
     since they never listen, the kernel never hands them a connection.
 
+    With ``config.udp`` the workers will also bind UDP on that port. A bound
+    UDP socket cannot be held the same way -- it would receive its share of
+    the datagrams and never answer them -- so the UDP port is only checked:
+    bound once per address and released, and with port ``0`` a port taken
+    for UDP means picking another.
+
     Raises:
-      BindError: as `open_listeners`.
+      BindError: as `open_listeners`, or a UDP address that cannot be bound.
 
     """
-    return await _bind_all(config, reuse_port=True, backlog=None)
+    for attempt in range(_SHARED_PORT_ATTEMPTS):
+        sockets = await _bind_all(config, reuse_port=True, backlog=None)
+        if not config.udp:
+            return sockets
+        try:
+            for udp in open_udp_sockets([sock.getsockname() for sock in sockets], reuse_port=True):
+                udp.close()
+        except BindError as exc:
+            _close(sockets)
+            retry = config.port == 0 and exc.errno == errno.EADDRINUSE
+            if not retry or attempt == _SHARED_PORT_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            _close(sockets)
+            raise
+        else:
+            return sockets
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _bind_all(

@@ -60,6 +60,7 @@ from . import logs, systemd, workers
 from .config import Config, environment_for
 from .daemon import take_inherited_sockets
 from .listeners import BindError, format_address, reserve_addresses
+from .udp import format_udp_address
 from .workers import Order, StopControl, Verb
 
 __all__ = ["run"]
@@ -173,7 +174,9 @@ class _Supervisor:
                 except BindError as exc:
                     print(f"echosvc: {exc.strerror}", file=sys.stderr)
                     return 1
-            self.addresses = [format_address(sock.getsockname()) for sock in held]
+            self.addresses = [_describe(sock) for sock in held]
+            if self.config.udp and not self.inherited:  # the workers bind UDP there too
+                self.addresses += [format_udp_address(sock.getsockname()) for sock in held]
             port: int = held[0].getsockname()[1]
 
             async with trio.open_nursery() as service:
@@ -413,3 +416,10 @@ async def _kill(spawn: _Spawn, process: trio.Process) -> None:
     spawn.killed_at = trio.current_time()
     process.kill()
     await trio.lowlevel.checkpoint()
+
+
+def _describe(sock: socket.socket | trio.socket.SocketType) -> str:
+    """How ``listening`` names a held or inherited socket (UDP as ``udp://``)."""
+    if sock.type == socket.SOCK_DGRAM:
+        return format_udp_address(sock.getsockname())
+    return format_address(sock.getsockname())
