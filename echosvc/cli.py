@@ -22,7 +22,7 @@ from . import daemon, supervisor
 from ._version import __version__
 from .bench import BenchResult, run_bench, run_child
 from .client import LoadShape, ProbeError, probe, probe_udp
-from .config import Config, ConfigError, LogFormat, LogLevel, Mode
+from .config import Config, ConfigError, LogFormat, LogLevel, Mode, ProxyProtocol
 
 __all__ = ["app", "main"]
 
@@ -61,6 +61,13 @@ def _split_hosts(values: list[str] | None) -> tuple[str, ...]:
     """``--host a --host b`` and ``ECHOSVC_HOST=a,b`` give the same hosts."""
     hosts = [part.strip() for value in values or [] for part in value.split(",")]
     return tuple(host for host in hosts if host)
+
+
+def _split_commas(values: list[str] | None) -> tuple[str, ...]:
+    """``--proxy-trusted a --proxy-trusted b`` and ``ECHOSVC_PROXY_TRUSTED=a,b`` alike."""
+    return tuple(
+        part.strip() for value in values or [] for part in value.split(",") if part.strip()
+    )
 
 
 @app.command()
@@ -105,6 +112,35 @@ def serve(
             envvar="ECHOSVC_SHUTDOWN_GRACE", help="Seconds to let connections finish on shutdown."
         ),
     ] = _DEFAULTS.shutdown_grace,
+    proxy_protocol: Annotated[
+        ProxyProtocol,
+        typer.Option(
+            envvar="ECHOSVC_PROXY_PROTOCOL",
+            help="Every connection starts with a PROXY header of this version (any: either).",
+        ),
+    ] = _DEFAULTS.proxy_protocol,
+    proxy_trusted: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="ECHOSVC_PROXY_TRUSTED",
+            metavar="CIDR",
+            help="Peers that may send a PROXY header; repeat for several (env: comma separated).",
+            show_default=",".join(str(network) for network in _DEFAULTS.proxy_trusted),
+        ),
+    ] = None,
+    proxy_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="ECHOSVC_PROXY_TIMEOUT", help="Seconds for the whole PROXY header; 0: off."
+        ),
+    ] = _DEFAULTS.proxy_timeout,
+    max_per_source: Annotated[
+        int,
+        typer.Option(
+            envvar="ECHOSVC_MAX_PER_SOURCE",
+            help="Connections at once per client (IPv4 address, IPv6 /64); 0: no limit.",
+        ),
+    ] = _DEFAULTS.max_per_source,
     backlog: Annotated[
         int | None,
         typer.Option(
@@ -159,6 +195,10 @@ def serve(
             max_line_bytes=max_line_bytes,
             max_connections=max_connections,
             shutdown_grace=shutdown_grace,
+            proxy_protocol=proxy_protocol,
+            proxy_trusted=_split_commas(proxy_trusted) or _DEFAULTS.proxy_trusted,
+            proxy_timeout=proxy_timeout,
+            max_per_source=max_per_source,
             backlog=backlog,
             workers=_parse_workers(workers),
             log_format=log_format,
