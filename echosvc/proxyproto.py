@@ -684,10 +684,11 @@ class ProxyStage(Stage):
     logs and the per-source limit alike); a header that keeps the socket's
     own addresses (v1 ``UNKNOWN``, v2 ``LOCAL`` health checks, v2 UDP, UNIX
     or UNSPEC) keeps them. Either way the link gains the ``proxy`` field,
-    the load balancer's ``host:port``: every connection that got past a
-    PROXY listener's header names the balancer that vouched for it, and
-    ``peer == proxy`` marks the balancer's own connections. The bytes after
-    the header are the link's ``pending``.
+    the load balancer's ``host:port`` (the ``peer`` it arrived with, if it
+    had one): every connection that got past a PROXY listener's header
+    names the balancer that vouched for it, and ``peer == proxy`` marks the
+    balancer's own connections. The bytes after the header are the link's
+    ``pending``.
 
     A refusal's ``detail`` is the parser's reason. The stage holds no state
     of its own, so one instance serves every connection.
