@@ -16,6 +16,7 @@ every socket opened so far closed again.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket as stdlib_socket
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from .config import Config
 
 __all__ = [
     "BindError",
+    "address_ip",
     "adopt_listeners",
     "format_address",
     "open_listeners",
@@ -57,6 +59,27 @@ def format_address(sockaddr: tuple[object, ...] | str) -> str:
     if ":" in str(host):
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def address_ip(
+    sockaddr: tuple[object, ...] | str | None,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of a socket address, IPv4-mapped IPv6 as IPv4; None if it has none.
+
+    A dual-stack socket (``IPV6_V6ONLY`` off, as systemd's ``ListenStream=9000``
+    binds it) reports IPv4 peers as ``::ffff:a.b.c.d``: they are IPv4 peers,
+    to a trust list and a per-source limit alike. ``AF_UNIX`` addresses (a
+    path, or ``""`` for an unnamed client) have no IP.
+    """
+    if not isinstance(sockaddr, tuple) or not sockaddr or not isinstance(sockaddr[0], str):
+        return None
+    try:
+        ip = ipaddress.ip_address(sockaddr[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 async def open_listeners(config: Config, *, reuse_port: bool = False) -> list[trio.SocketListener]:
