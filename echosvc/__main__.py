@@ -12,8 +12,13 @@ about half a second -- ``serve`` must still behave as a service does:
   stop (a reload must not kill a service that is still starting).
 
 Once the daemon runs, `trio.open_signal_receiver` replaces these handlers.
+
+A worker that a ``--workers`` supervisor started has its configuration in
+its environment (`echosvc.workers.CONFIG_ENV`): it goes straight into the
+daemon, importing neither the CLI (typer, click) nor rich.
 """
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -30,6 +35,15 @@ def main() -> None:
     if sys.argv[1:2] == ["serve"]:
         signal.signal(signal.SIGTERM, _stop_before_start)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if "_ECHOSVC_CONFIG" in os.environ:  # workers.CONFIG_ENV, without importing it
+            # structlog.dev imports rich whenever it is installed (it is, for
+            # typer and for bench's display), 4 MiB a worker never uses:
+            # None in sys.modules makes that import fail, and structlog
+            # falls back to its own plain rendering.
+            sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+            from echosvc.daemon import run_worker
+
+            sys.exit(run_worker())
     try:
         from echosvc.cli import main as cli_main
 

@@ -12,6 +12,7 @@ vocabulary every other module shares.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 from collections.abc import Iterable
 from enum import StrEnum
@@ -301,6 +302,45 @@ def environment_for(config: Config) -> dict[str, str]:
         else:
             environ[f"ECHOSVC_{field.name.upper()}"] = str(value)
     return environ
+
+
+def config_to_json(config: Config) -> str:
+    """``config`` as one JSON object, field by field, for `config_from_json`.
+
+    How a supervisor hands its workers their configuration: every field,
+    exactly (floats as JSON floats, enums as their values, networks and
+    paths as their text), with no command line to parse in between.
+    """
+
+    def plain(value: object) -> object:
+        if isinstance(value, StrEnum):
+            return value.value
+        if isinstance(value, tuple | list):
+            return [plain(item) for item in value]
+        if value is None or isinstance(value, str | bool | int | float):
+            return value
+        return str(value)  # a network, a path: every such field converts from text
+
+    return json.dumps(
+        {field.name: plain(getattr(config, field.name)) for field in attrs.fields(Config)}
+    )
+
+
+def config_from_json(text: str) -> Config:
+    """The `Config` that `config_to_json` wrote.
+
+    Raises:
+      ConfigError: a value is invalid (as for any `Config`).
+      TypeError: ``text`` is not such an object.
+
+    """
+    values = json.loads(text)
+    if not isinstance(values, dict):
+        raise TypeError("a configuration is a JSON object")
+    fields: dict[str, Any] = {
+        name: tuple(value) if isinstance(value, list) else value for name, value in values.items()
+    }
+    return Config(**fields)
 
 
 def seconds_or_never(timeout: float) -> float:

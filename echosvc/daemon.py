@@ -38,7 +38,7 @@ import structlog
 import trio
 
 from . import logs, systemd, workers
-from .config import Config
+from .config import Config, config_from_json
 from .listeners import BindError, adopt_listeners, open_listeners_and_udp, take_datagram_sockets
 from .server import Server, serve
 from .workers import LISTEN_FDS_ENV, WORKER_ENV, StopControl
@@ -72,6 +72,16 @@ def take_inherited_sockets() -> list[socket.socket]:
             raise ValueError(f"{LISTEN_FDS_ENV}={fds!r} is not a list of descriptors") from None
         return systemd.sockets_from_fds(numbers)
     return systemd.listen_sockets()
+
+
+def run_worker() -> int:
+    """A worker's entry: its configuration from its supervisor, no command line.
+
+    The supervisor passes the whole `Config` (``_ECHOSVC_CONFIG``), so a
+    worker imports neither typer nor click nor rich: less memory per
+    worker, and a faster start (and restart).
+    """
+    return run(config_from_json(os.environ.pop(workers.CONFIG_ENV)))
 
 
 def run(config: Config, *, address_given: bool = False) -> int:

@@ -57,7 +57,7 @@ import structlog
 import trio
 
 from . import logs, systemd, workers
-from .config import Config, environment_for
+from .config import Config, config_to_json, environment_for
 from .daemon import take_inherited_sockets
 from .listeners import BindError, format_address, reserve_addresses
 from .udp import format_udp_address
@@ -252,13 +252,14 @@ class _Supervisor:
     async def _spawn_and_wait(
         self, worker: _Worker, spawn: _Spawn, port: int, notify_socket: str
     ) -> None:
-        settings = environment_for(attrs.evolve(self.config, port=port, workers=1))
+        own = attrs.evolve(self.config, port=port, workers=1)
         env = workers.worker_environment(
             os.environ,
-            settings,
+            environment_for(own),
             index=worker.index,
             notify_socket=notify_socket,
             listen_fds=[s.fileno() for s in self.inherited],
+            config_json=config_to_json(own),
         )
         async with trio.open_nursery() as nursery:
             try:

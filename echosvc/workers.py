@@ -74,6 +74,9 @@ __all__ = [
 
 WORKER_ENV = "_ECHOSVC_WORKER"
 LISTEN_FDS_ENV = "_ECHOSVC_LISTEN_FDS"
+# The whole Config as JSON (config.config_to_json): a worker starts straight
+# into the daemon, with no command line to parse and no CLI to import.
+CONFIG_ENV = "_ECHOSVC_CONFIG"
 
 # "At least once a second" (DESIGN.md) with room for one late beat; the
 # shortest --worker-timeout allowed (1 s, `echosvc.config`) is two of these.
@@ -167,8 +170,13 @@ def worker_environment(
     index: int,
     notify_socket: str,
     listen_fds: list[int],
+    config_json: str | None = None,
 ) -> dict[str, str]:
-    """A worker's environment: ``base`` without our variables, then ``settings``."""
+    """A worker's environment: ``base`` without our variables, then ``settings``.
+
+    ``config_json`` (`echosvc.config.config_to_json`) lets the worker skip
+    the command line, and typer, click and rich with it.
+    """
     env = {
         key: value
         for key, value in base.items()
@@ -179,6 +187,8 @@ def worker_environment(
     env["NOTIFY_SOCKET"] = notify_socket
     if listen_fds:
         env[LISTEN_FDS_ENV] = ",".join(str(fd) for fd in listen_fds)
+    if config_json is not None:
+        env[CONFIG_ENV] = config_json
     return env
 
 

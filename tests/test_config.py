@@ -7,7 +7,16 @@ import math
 import attrs
 import pytest
 
-from echosvc.config import Config, ConfigError, LogFormat, LogLevel, Mode, seconds_or_never
+from echosvc.config import (
+    Config,
+    ConfigError,
+    LogFormat,
+    LogLevel,
+    Mode,
+    config_from_json,
+    config_to_json,
+    seconds_or_never,
+)
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -78,3 +87,39 @@ def test_evolve_validates_too() -> None:
     assert Config().evolve(port=0).port == 0
     with pytest.raises(ConfigError):
         Config().evolve(port=100000)
+
+
+def test_a_config_survives_json_exactly_every_field() -> None:
+    """How a supervisor hands a worker its configuration: nothing may be lost
+    or rounded, whatever the field's type, fields added later included."""
+    changed = Config(
+        hosts=("0.0.0.0", "::1"),
+        port=1,
+        mode="stream",
+        read_timeout=0.1 + 0.2,  # a float that no decimal string round-trips by accident
+        write_timeout=0,
+        max_line_bytes=7,
+        max_connections=3,
+        shutdown_grace=2.5,
+        proxy_protocol="any",
+        proxy_trusted=("10.0.0.0/8", "2001:db8::/32"),
+        proxy_timeout=1.25,
+        max_per_source=9,
+        backlog=17,
+        workers=4,
+        worker_timeout=0,
+        log_format="console",
+        log_level="debug",
+        udp=True,
+        udp_max_bytes=512,
+        udp_rate=7,
+    )
+    for config in (Config(), changed):
+        assert config_from_json(config_to_json(config)) == config
+    defaults = Config()
+    unchanged = [
+        f.name
+        for f in attrs.fields(Config)
+        if getattr(changed, f.name) == getattr(defaults, f.name)
+    ]
+    assert unchanged == [], f"give these a non-default value above: {unchanged}"

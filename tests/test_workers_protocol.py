@@ -7,13 +7,16 @@ the other end produces.
 
 from __future__ import annotations
 
+import re
 import signal
+import subprocess
 
 import pytest
 import trio
 import trio.testing
 
-from echosvc import Config, ConfigError, systemd
+from echosvc import Config, ConfigError, systemd, workers
+from echosvc.config import config_to_json
 from echosvc.daemon import Reloads
 from echosvc.workers import (
     Order,
@@ -27,7 +30,7 @@ from echosvc.workers import (
     parse_report,
 )
 
-from .support import captured_logs
+from .support import ECHOSVC, captured_logs, child_env, connect, round_trip
 from .test_cli import run_cli
 
 
@@ -144,3 +147,51 @@ def test_worker_timeout_is_off_or_at_least_two_heartbeats() -> None:
     done = run_cli("serve", "--worker-timeout", "0.5")
     assert done.returncode == 2
     assert "'--worker-timeout' / ECHOSVC_WORKER_TIMEOUT" in done.stderr
+
+
+async def test_a_worker_starts_without_the_cli_and_serves() -> None:
+    """Started as a supervisor starts it (its Config in _ECHOSVC_CONFIG), a
+    worker imports neither typer nor click nor rich -- memory and start-up
+    time a worker has no use for -- and still serves, then stops at EOF on
+    its stdin as an orphan does."""
+    config = Config(port=0, log_format="json")
+    env = child_env(
+        {
+            workers.WORKER_ENV: "0",
+            workers.CONFIG_ENV: config_to_json(config),
+            "PYTHONPROFILEIMPORTTIME": "1",
+        }
+    )
+    process = await trio.lowlevel.open_process(
+        [*ECHOSVC, "serve"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    assert process.stdin is not None
+    stderr = b""
+    with trio.fail_after(20):
+        while b'"event": "listening"' not in stderr:
+            chunk = await process.stderr.receive_some()
+            assert chunk, stderr.decode()
+            stderr += chunk
+        port = int(re.findall(rb'"addresses": \["127.0.0.1:(\d+)"', stderr)[0])
+        async with await connect(port) as client:
+            await round_trip(client, b"a worker serves\n")
+        await process.stdin.aclose()  # the supervisor is gone
+        while chunk := await process.stderr.receive_some():
+            stderr += chunk
+        assert await process.wait() == 0
+    # -X importtime lists attempts too (structlog tries rich, and is
+    # refused), so look for submodules: only a package that loaded has any.
+    imported = {
+        line.split("|")[-1].strip()
+        for line in stderr.decode().splitlines()
+        if line.startswith("import time:")
+    }
+    assert "trio._core" in imported, "the import-time report is there"
+    cli = [name for name in imported if name.startswith(("typer.", "click.", "rich."))]
+    assert cli == []
+    assert b'"event": "stopped"' in stderr
