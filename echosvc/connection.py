@@ -127,11 +127,14 @@ class Connection:
       address: the peer's socket address, for stages that need it.
       stages: `echosvc.pipeline.Stage` objects to run, in order, before the
           echo.
-      on_closed: called with the `ConnectionStats` once the stream is
-          closed, before ``connection_closed`` is logged (a server's tally).
+      on_closed: called with the connection once its stream is closed and
+          its `stats` are set, before ``connection_closed`` is logged,
+          however it ended (a server's tally and its capacity token).
+      ticket: anything the caller wants back in ``on_closed`` (`ticket`).
 
     Attributes:
       stats: the `ConnectionStats`, once the connection has ended.
+      ticket: what the caller passed as ``ticket``.
 
     """
 
@@ -154,6 +157,7 @@ class Connection:
         "lines",
         "peer",
         "stats",
+        "ticket",
     )
 
     def __init__(
@@ -165,7 +169,8 @@ class Connection:
         peer: str | None = None,
         address: tuple[Any, ...] | None = None,
         stages: Sequence[Stage] = (),
-        on_closed: Callable[[ConnectionStats], None] | None = None,
+        on_closed: Callable[[Connection], None] | None = None,
+        ticket: object = None,
     ) -> None:
         self._stream = self._origin = stream
         self._config = config
@@ -174,6 +179,7 @@ class Connection:
         self._address = address
         self._stages = stages
         self._on_closed = on_closed
+        self.ticket = ticket
         self._fields: tuple[tuple[str, str], ...] = ()
         self.lines = 0
         self.bytes_in = 0
@@ -215,16 +221,21 @@ class Connection:
           The stream is always closed before this returns or raises.
 
         """
-        _log.debug("connection_opened", conn_id=self.conn_id, peer=self.peer)
         started = ended = trio.current_time()
         reason = CloseReason.ERROR
         error: Exception | None = None
         quiet = False
-        opened: list[tuple[Stage, Link]] = []
+        # Idle connections are the many: nothing is kept for stages not there.
+        opened: list[tuple[Stage, Link]] | tuple[()] = ()
         try:
             try:
-                link = await self._open_stages(opened)
-                reason = await self._echo(link.stream, link.pending)
+                _log.debug("connection_opened", conn_id=self.conn_id, peer=self.peer)
+                if self._stages:
+                    opened = []
+                    stream, pending = await self._open_stages(opened)
+                else:
+                    stream, pending = self._stream, b""
+                reason = await self._echo(stream, pending)
             except Refused as refusal:
                 reason, quiet = refusal.reason, refusal.quiet
                 if refusal.detail:
@@ -266,7 +277,7 @@ class Connection:
 
     # --- the pipeline -----------------------------------------------------------
 
-    async def _open_stages(self, opened: list[tuple[Stage, Link]]) -> Link:
+    async def _open_stages(self, opened: list[tuple[Stage, Link]]) -> tuple[trio.abc.Stream, bytes]:
         link = Link(self._stream, self.peer, self._address)
         for stage in self._stages:
             deadline = trio.current_time() + seconds_or_never(stage.timeout)
@@ -280,7 +291,7 @@ class Connection:
             # The connection owns whatever stream the stage handed on.
             self._stream, self.peer, self._fields = link.stream, link.peer, link.fields
             opened.append((stage, link))
-        return link
+        return link.stream, link.pending
 
     # --- the echo ---------------------------------------------------------------
 
@@ -294,12 +305,16 @@ class Connection:
             reason: CloseReason | None = None
             rest: bytes | bytearray = b""
             data: bytes | bytearray
+            batch: bytes | bytearray
             sent = 0
             with self._wait_scope(deadline) as scope:
                 while True:
                     if pending:
                         data, pending = pending, b""
                     else:
+                        # Drop the last buffers before waiting: idle
+                        # connections are the many, and would each hold one.
+                        data = batch = b""
                         data = await stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         reason = CloseReason.EOF
@@ -472,7 +487,7 @@ class Connection:
             extra=self._fields,
         )
         if self._on_closed is not None:
-            self._on_closed(stats)
+            self._on_closed(self)
         record = {
             "conn_id": stats.conn_id,
             "peer": stats.peer,

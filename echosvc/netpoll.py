@@ -76,6 +76,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -128,9 +129,9 @@ class Registration:
         self.reader: trio.lowlevel.Task | None = None
         self.writer: trio.lowlevel.Task | None = None
         self.closed = False
-        # Made once, here: Trio's wait_readable builds a closure per wait.
+        # Made once, not per wait as Trio's wait_readable builds a closure.
         self._abort_read = self._abort_reading
-        self._abort_write = self._abort_writing
+        self._abort_write: Callable[[object], trio.lowlevel.Abort] | None = None
 
     async def wait_readable(self) -> None:
         """Park until the socket may be readable (data, EOF or an error).
@@ -140,14 +141,34 @@ class Registration:
           trio.BusyResourceError: if another task is already waiting to read.
 
         """
+        # A cancel already pending came first: it is not the abort's to defer.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await trio.lowlevel.wait_task_rescheduled(self.park_reader())
+        self.check_open()
+
+    def park_reader(self) -> Callable[[object], trio.lowlevel.Abort]:
+        """Make the current task the reader; return the abort function for
+        `trio.lowlevel.wait_task_rescheduled`.
+
+        For callers that park themselves, one coroutine frame fewer for every
+        idle connection than `wait_readable`: first
+        ``await trio.lowlevel.checkpoint_if_cancelled()``, then park, then
+        `check_open`.
+
+        Raises:
+          trio.ClosedResourceError: if the registration is closed.
+          trio.BusyResourceError: if another task is already waiting to read.
+
+        """
         if self.closed:
             raise trio.ClosedResourceError("this socket was already closed")
         if self.reader is not None:
             raise trio.BusyResourceError("another task is already reading this socket")
-        # A cancel already pending came first: it is not the abort's to defer.
-        await trio.lowlevel.checkpoint_if_cancelled()
         self.reader = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort_read)
+        return self._abort_read
+
+    def check_open(self) -> None:
+        """Raise `trio.ClosedResourceError` if a wait ended because of `close`."""
         if self.closed:
             raise trio.ClosedResourceError("another task closed this socket")
 
@@ -159,9 +180,10 @@ class Registration:
             raise trio.BusyResourceError("another task is already writing this socket")
         await trio.lowlevel.checkpoint_if_cancelled()
         self.writer = trio.lowlevel.current_task()
+        if self._abort_write is None:  # made when first needed: most never write-wait
+            self._abort_write = self._abort_writing
         await trio.lowlevel.wait_task_rescheduled(self._abort_write)
-        if self.closed:
-            raise trio.ClosedResourceError("another task closed this socket")
+        self.check_open()
 
     @property
     def direct(self) -> bool:

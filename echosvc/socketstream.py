@@ -168,7 +168,11 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
             elif poll.direct:  # few connections are busy: Trio's own wait is cheaper
                 await trio.lowlevel.wait_readable(self._sock)
             else:
-                await poll.wait_readable()
+                # poll.wait_readable(), inlined: one coroutine frame fewer
+                # held by every idle connection.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                await trio.lowlevel.wait_task_rescheduled(poll.park_reader())
+                poll.check_open()
             try:
                 data = self._sock.recv(size)
             except BlockingIOError:
