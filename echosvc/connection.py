@@ -297,8 +297,9 @@ class Connection:
 
     async def _echo(self, stream: trio.abc.Stream, pending: bytes) -> CloseReason:
         framer = LineFramer(self._config.max_line_bytes) if self._config.mode is Mode.LINE else None
-        # The server's own sockets take an echo without a checkpoint.
-        send_nowait = stream.send_nowait if isinstance(stream, EchoSocketStream) else None
+        # The server's own sockets take an echo without a checkpoint, and are
+        # waited on without a frame of their own (EchoSocketStream.wait_readable).
+        sock = stream if isinstance(stream, EchoSocketStream) else None
         read_s = self._read_s
         deadline = trio.current_time() + read_s
         while True:
@@ -311,18 +312,29 @@ class Connection:
                 while True:
                     if pending:
                         data, pending = pending, b""
-                    else:
+                    elif sock is None:
                         # Drop the last buffers before waiting: idle
                         # connections are the many, and would each hold one.
                         data = batch = b""
                         data = await stream.receive_some(RECEIVE_SIZE)
+                    else:  # sock.receive_some, with no frame of its own
+                        data = batch = b""
+                        if sock.known_readable:
+                            await trio.lowlevel.checkpoint()  # a receive is a schedule point
+                        else:
+                            await trio.lowlevel.checkpoint_if_cancelled()
+                            await sock.wait_readable()
+                        got = sock.receive_nowait(RECEIVE_SIZE)
+                        if got is None:
+                            continue  # readable, then not: wait again
+                        data, got = got, None
                     if not data:
                         reason = CloseReason.EOF
                         break
                     self.bytes_in += len(data)
                     batch = data if framer is None else framer.feed(data)
                     if batch:
-                        sent = send_nowait(batch) if send_nowait is not None else 0
+                        sent = sock.send_nowait(batch) if sock is not None else 0
                         if sent < len(batch):
                             rest = batch  # the slow rest is sent outside this scope
                             break
@@ -353,7 +365,7 @@ class Connection:
             # Go drops a final line without "\n" at EOF; we echo every byte.
             final = framer.flush()
             if final:
-                if not await self._send(stream, final, send_nowait):
+                if not await self._send(stream, final):
                     return CloseReason.WRITE_TIMEOUT
                 self.bytes_out += len(final)
                 self.lines += 1
@@ -390,14 +402,9 @@ class Connection:
             await stream.send_all(memoryview(data)[sent:] if sent else data)
         return not scope.cancelled_caught
 
-    async def _send(
-        self,
-        stream: trio.abc.Stream,
-        data: bytes | bytearray,
-        send_nowait: Callable[[bytes | bytearray], int] | None,
-    ) -> bool:
+    async def _send(self, stream: trio.abc.Stream, data: bytes | bytearray) -> bool:
         """One whole echo under the write deadline; False if it fired."""
-        sent = send_nowait(data) if send_nowait is not None else 0
+        sent = stream.send_nowait(data) if isinstance(stream, EchoSocketStream) else 0
         return sent == len(data) or await self._send_rest(stream, data, sent)
 
     async def _drain(self, stream: EchoSocketStream, framer: LineFramer | None) -> CloseReason:
@@ -418,7 +425,7 @@ class Connection:
             self.bytes_in += len(data)
             batch = data if framer is None else framer.feed(data)
             if batch:
-                if not await self._send(stream, batch, stream.send_nowait):
+                if not await self._send(stream, batch):
                     return CloseReason.WRITE_TIMEOUT
                 self._count(batch, framer)
             if framer is not None and framer.too_long:

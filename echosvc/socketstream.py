@@ -40,6 +40,7 @@ import errno
 import fcntl
 import socket
 import termios
+from collections.abc import Awaitable
 from contextlib import suppress
 
 import trio
@@ -184,19 +185,51 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
                 poll.readable = False  # drained: the next arrival is a new edge
             return data
 
+    # --- the same receive, taken apart, for a caller that waits itself -------
+    #
+    # receive_some, as three steps, so that an echo loop parked waiting for
+    # input holds no coroutine frame of this stream's (every idle connection
+    # would): if `known_readable`, yield (a receive is a checkpoint); else
+    # await `wait_readable()`; then `receive_nowait`, and if that says None,
+    # start again.
+
+    @property
+    def known_readable(self) -> bool:
+        """Whether the netpoller says the socket has input (it was not used up)."""
+        poll = self._poll
+        return poll is not None and poll.readable and not poll.direct
+
+    def wait_readable(self) -> Awaitable[None]:
+        """An awaitable that parks until the socket may be readable.
+
+        Returned, not awaited here: the caller awaits it directly, with no
+        frame of this method in between. Call
+        ``await trio.lowlevel.checkpoint_if_cancelled()`` first.
+        """
+        # Returned for the caller to await at once: no frame of ours in between.
+        poll = self._poll
+        if poll is None or poll.direct:
+            return trio.lowlevel.wait_readable(self._sock)  # noqa: ASYNC105
+        return trio.lowlevel.wait_task_rescheduled(poll.park_reader())  # noqa: ASYNC105
+
     def receive_nowait(self, max_bytes: int = 65536) -> bytes | None:
         """What the kernel has already received, without waiting; None if nothing.
 
         ``b""`` means end of input, as for `receive_some`. Not a checkpoint.
+        Keeps the netpoller's readiness honest, as `receive_some` does.
         """
+        poll = self._poll
         try:
-            return self._sock.recv(max_bytes)
+            data = self._sock.recv(max_bytes)
         except BlockingIOError:
-            if self._poll is not None:
-                self._poll.readable = False
+            if poll is not None:
+                poll.readable = False
             return None
         except OSError as exc:
             raise _translate(exc) from None
+        if poll is not None and len(data) < max_bytes and not poll.hung_up:
+            poll.readable = False  # drained: the next arrival is a new edge
+        return data
 
     def queued_bytes(self) -> int:
         """How many received bytes wait to be read (``FIONREAD``, tcp(7) SIOCINQ)."""
