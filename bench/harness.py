@@ -55,6 +55,8 @@ DISTURBED_PCT = 10.0  # a run where other processes took more of a pinned core i
 # (``env`` and ``taskset`` exec, so ``env -C DIR ...`` is fine): its pid is the one measured.
 SERVERS: dict[str, str] = {
     "go": "{build}/echo-go -host {host} -port {port}",
+    # The floor: C, one thread, edge-triggered epoll (bench/peers/c/echo_epoll.c).
+    "c-floor": "{build}/echo-epoll -host {host} -port {port}",
     "asyncio-protocol": (
         "{python} {peers}/asyncio_protocol.py --host {host} --port {port} --loop uvloop"
     ),
@@ -77,6 +79,7 @@ SERVERS: dict[str, str] = {
     ),
 }
 DEFAULT_SERVERS = [
+    "c-floor",
     "go",
     "asyncio-protocol",
     "asyncio-streams",
@@ -282,17 +285,35 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------- build
 
 
-def build(notes: list[str]) -> tuple[Path, bool]:
-    """Build the load generator and the Go peer; returns (loadgen path, Go peer built)."""
-    loadgen, echo_go = BUILD / "loadgen", BUILD / "echo-go"
-    go = shutil.which("go")
+# The floor must build warning-free: it is the one peer whose correctness
+# nothing else (no runtime, no library) vouches for.
+CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
+
+
+def build(notes: list[str]) -> tuple[Path, set[str]]:
+    """Build the load generator, the Go peer and the C floor; returns (loadgen path,
+    names of the servers that could not be built)."""
+    loadgen, echo_go, echo_c = BUILD / "loadgen", BUILD / "echo-go", BUILD / "echo-epoll"
     BUILD.mkdir(parents=True, exist_ok=True)
+    missing: set[str] = set()
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        notes.append("no C compiler (`gcc`, `cc`) found: the C floor is skipped")
+        missing.add("c-floor")
+    else:
+        log(f"building {echo_c.relative_to(REPO)}")
+        subprocess.run(
+            [cc, *CFLAGS, "-o", str(echo_c), str(PEERS / "c" / "echo_epoll.c")],
+            check=True,
+            timeout=120,
+        )
+    go = shutil.which("go")
     if go is None:
         notes.append("`go` not found: the Go peer is skipped")
         if not loadgen.exists():
             sys.exit("harness: `go` is needed to build bench/loadgen (none prebuilt)")
         notes.append(f"using the prebuilt {loadgen.relative_to(REPO)}")
-        return loadgen, False
+        return loadgen, missing | {"go"}
     env = {**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off", "CGO_ENABLED": "0"}
     env.setdefault("GOCACHE", str(BUILD / "gocache"))
     for src, out in ((BENCH / "loadgen", loadgen), (PEERS / "go", echo_go)):
@@ -304,7 +325,7 @@ def build(notes: list[str]) -> tuple[Path, bool]:
             check=True,
             timeout=300,
         )
-    return loadgen, True
+    return loadgen, missing
 
 
 # -------------------------------------------------------------------------------- runs
@@ -659,6 +680,7 @@ def versions(has_go: bool) -> dict[str, str | None]:
             out[dist] = None
     go = run_text(["go", "version"]) if has_go else None
     out["Go"] = go.split()[2].removeprefix("go") if go else None
+    out["gcc"] = run_text(["gcc", "-dumpfullversion"]) if shutil.which("gcc") else None
     echosvc = run_text([sys.executable, "-m", "echosvc", "--version"], timeout=20)
     out["echosvc"] = echosvc.split()[-1] if echosvc else None
     return out
@@ -761,9 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers = select_servers(args.servers, extras)
 
     notes: list[str] = []
-    loadgen, has_go = build(notes)
-    if not has_go and "go" in servers:
-        servers.remove("go")
+    loadgen, unbuilt = build(notes)
+    has_go = "go" not in unbuilt
+    servers = [name for name in servers if name not in unbuilt]
     server_cpu: int | None = args.server_cpu
     loadgen_cpu: int | None = args.loadgen_cpu
     cpus = os.sched_getaffinity(0)
