@@ -97,7 +97,9 @@ SERVER_ALIASES: dict[str, list[str]] = {
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "load" (throughput and latency) or "idle" (connections held)
+    # "load" (throughput and latency), "short" (a connection per request: connect,
+    # one line, close) or "idle" (connections held)
+    kind: str
     title: str
     conns: int = 1
     size: int = 64
@@ -114,6 +116,12 @@ def make_scenarios(quick: bool, idle_conns: int | None, max_conns: int | None) -
         Scenario("rr50", "load", "50 connections, request/response, 64 B lines", 50),
         Scenario("pipe50", "load", "50 connections, 16 requests in flight each, 64 B", 50, 64, 16),
         Scenario("big50", "load", "50 connections, request/response, 4 KiB lines", 50, 4096),
+        Scenario(
+            "short50",
+            "short",
+            "50 clients, each: connect, one 64 B line and its echo, close; again (per connection)",
+            50,
+        ),
         Scenario(
             "idle10k",
             "idle",
@@ -340,6 +348,11 @@ def loadgen_argv(
         argv += ["-conns", str(sc.conns), "-depth", str(sc.depth)]
         argv += ["-duration", str(st.duration), "-warmup", str(st.warmup)]
         return argv, st.warmup + st.duration + 90
+    if sc.kind == "short":
+        # -sources: see "short50" in bench/README.md (TIME_WAIT, ephemeral ports).
+        argv += ["-short", "-conns", str(sc.conns), "-echo-timeout", str(st.echo_timeout)]
+        argv += ["-duration", str(st.duration), "-warmup", str(st.warmup)]
+        return argv, st.warmup + st.duration + st.echo_timeout + 90
     argv += ["-idle", str(sc.conns), "-hold", str(sc.hold)]
     argv += ["-ramp-timeout", str(st.ramp_timeout), "-echo-timeout", str(st.echo_timeout)]
     return argv, st.ramp_timeout + sc.hold + st.echo_timeout + 90
@@ -422,9 +435,9 @@ def judge(sc: Scenario, lg: dict[str, Any]) -> tuple[str, str]:
     """A run counts when every echo verified; an idle run may hold fewer than requested."""
     if lg.get("mismatches"):
         return "failed", f"{lg['mismatches']} echo mismatches: {lg.get('error_samples')}"
-    if sc.kind == "load" and (lg.get("errors") or lg.get("connected") != sc.conns):
+    if sc.kind in ("load", "short") and (lg.get("errors") or lg.get("connected") != sc.conns):
         return "failed", f"{lg.get('errors')} errors: {lg.get('error_samples')}"
-    if sc.kind == "load" and not lg.get("requests"):
+    if sc.kind in ("load", "short") and not lg.get("requests"):
         return "failed", "no request completed in the window"
     return "ok", ""
 
@@ -470,7 +483,7 @@ def summarize(
             def med(*keys: str, good: list[dict[str, Any]] = good) -> float | None:
                 return median(dig(g, *keys) for g in good)
 
-            if sc.kind == "load":
+            if sc.kind in ("load", "short"):  # for short, a "request" is a connection
                 rps = [g["req_per_s"] for g in good]
                 row |= {
                     "req_per_s": median(rps),
@@ -561,7 +574,9 @@ def render_md(
         " (other processes): above a few percent the run was disturbed. † marks lg core >= 90 %:"
         " the load generator may be the limit and req/s is a lower bound for that server;"
         " ‡ marks other % > 5 (median over rounds)."
-        " Latency runs from a request's write to the last byte of its echo. Idle tables:"
+        " Latency runs from a request's write to the last byte of its echo. Short-connection"
+        " tables count connections (connect, one line, close) where the others count requests:"
+        " latency there runs from socket(2) to the last byte of the echo. Idle tables:"
         " KiB/conn = (server RSS at the end of the hold - RSS before connecting) / connections"
         " held; verified after hold = connections that echoed again after the hold.",
         "",
@@ -571,10 +586,11 @@ def render_md(
         if not rows:
             continue
         out += [f"## {sc.name}: {sc.title}", ""]
-        if sc.kind == "load":
+        if sc.kind in ("load", "short"):
+            unit = "conn" if sc.kind == "short" else "req"
             out += [
-                "| server | req/s | min-max | srv µs/req | core µs/req | srv CPU % | p50 µs "
-                "| p99 µs | lg CPU % | lg core % | other % | RSS MiB | ok runs |",
+                f"| server | {unit}/s | min-max | srv µs/{unit} | core µs/{unit} | srv CPU % "
+                "| p50 µs | p99 µs | lg CPU % | lg core % | other % | RSS MiB | ok runs |",
                 "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
             ]
             for name, r in rows.items():
@@ -706,7 +722,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated server names or aliases (default, peers, all); "
         f"default: {','.join(DEFAULT_SERVERS)}",
     )
-    p.add_argument("--scenarios", help="comma-separated: rr1,rr50,pipe50,big50,idle10k,max")
+    p.add_argument("--scenarios", help="comma-separated: rr1,rr50,pipe50,big50,short50,idle10k,max")
     p.add_argument(
         "--extra",
         action="append",
@@ -879,8 +895,9 @@ def progress(run: Run) -> str:
             f"{dig(lg, 'server', 'rss_kib_per_conn')} KiB/conn, "
             f"ramp {lg['ramp_s']} s"
         )
+    unit = "conn" if lg.get("mode") == "short" else "req"
     return (
-        f"{lg['req_per_s']:>10,.0f} req/s  srv {dig(lg, 'server', 'cpu_us_per_req')} µs/req  "
+        f"{lg['req_per_s']:>10,.0f} {unit}/s  srv {dig(lg, 'server', 'cpu_us_per_req')} µs/{unit}  "
         f"p99 {dig(lg, 'latency_us', 'p99')} µs  loadgen {lg['loadgen_cpu_pct']}%"
         + (f"  [{run.error}]" if run.status == "disturbed" else "")
     )
