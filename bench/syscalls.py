@@ -24,7 +24,14 @@ share of reads that fail with EAGAIN. The per-request pattern of the rest (``rec
 ``--conns`` connections (accept, registration, close) is included, amortized over
 requests / conns round trips each.
 
-Writes ``PREFIX.json`` and ``PREFIX.md`` (default ``bench/results/syscalls-<mode>``).
+``--tool perf`` counts with ``perf stat -e syscalls:sys_enter_NAME,... -p PID``
+instead: kernel tracepoints, which cost the server next to nothing, so the counts
+that depend on timing (``epoll_wait``) come out as they are undisturbed; but only for
+the names in ``PERF_SYSCALLS`` (plus the total of every call), and without failed
+calls. It is the cross-check of strace's counts, not a replacement.
+
+Writes ``PREFIX.json`` and ``PREFIX.md`` (default ``bench/results/syscalls-<mode>``,
+``-perf`` appended with ``--tool perf``).
 """
 
 from __future__ import annotations
@@ -47,6 +54,28 @@ import harness  # the server table, the build and the process helpers
 
 DEFAULT_SERVERS = ["c-floor", "go", "asyncio-protocol", "asyncio-streams", "echosvc"]
 ATTACH_TIMEOUT_S = 10.0
+PERF_ATTACH_S = 1.0  # perf stat prints nothing when attached: give it this long
+# What the five servers call on these loads (from strace's tables); perf counts only these
+# by name, and raw_syscalls:sys_enter for the total.
+PERF_SYSCALLS = [
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_ctl",
+    "recvfrom",
+    "sendto",
+    "read",
+    "write",
+    "accept4",
+    "close",
+    "setsockopt",
+    "getsockname",
+    "getpeername",
+    "ioctl",
+    "getpid",
+    "futex",
+    "nanosleep",
+    "io_uring_enter",
+]
 SETTLE_S = 0.5  # after the load generator exits: the server closes its side
 
 
@@ -70,6 +99,27 @@ def parse_strace_summary(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def parse_perf_csv(text: str) -> dict[str, dict[str, int]]:
+    """``perf stat -x,`` output -> {syscall: {"calls": n, "errors": 0}}; the total of all
+    calls (``raw_syscalls:sys_enter``) as ``(all)``."""
+    out: dict[str, dict[str, int]] = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) < 3 or not fields[0].strip().isdigit():
+            continue  # comments, "<not counted>"
+        event = fields[2].strip()
+        name = "(all)" if event == "raw_syscalls:sys_enter" else event.split("sys_enter_")[-1]
+        out[name] = {"calls": int(fields[0]), "errors": 0}
+    return out
+
+
+def tracer_argv(tool: str, pid: int, out: Path) -> list[str]:
+    if tool == "strace":
+        return ["strace", "-c", "-f", "-o", str(out), "-p", str(pid)]
+    events = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{n}" for n in PERF_SYSCALLS]
+    return ["perf", "stat", "-x", ",", "-o", str(out), "-e", ",".join(events), "-p", str(pid)]
+
+
 def wait_attached(log_path: Path, proc: subprocess.Popen[bytes], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,8 +136,8 @@ def run_one(name: str, args: argparse.Namespace, loadgen: Path) -> dict[str, Any
     argv = harness.expand(harness.SERVERS[name], port)
     harness.LOGS.mkdir(parents=True, exist_ok=True)
     server_log = harness.LOGS / f"syscalls-{args.mode}-{name}.log"
-    strace_out = harness.LOGS / f"syscalls-{args.mode}-{name}.strace"
-    strace_log = harness.LOGS / f"syscalls-{args.mode}-{name}.strace-stderr"
+    strace_out = harness.LOGS / f"syscalls-{args.mode}-{name}.{args.tool}"
+    strace_log = harness.LOGS / f"syscalls-{args.mode}-{name}.{args.tool}-stderr"
     result: dict[str, Any] = {"server": name, "command": argv, "status": "failed"}
     with server_log.open("wb") as log_file:
         server = subprocess.Popen(
@@ -105,13 +155,18 @@ def run_one(name: str, args: argparse.Namespace, loadgen: Path) -> dict[str, Any
                 return result
             with strace_log.open("wb") as err_file:
                 strace = subprocess.Popen(
-                    ["strace", "-c", "-f", "-o", str(strace_out), "-p", str(server.pid)],
+                    tracer_argv(args.tool, server.pid, strace_out),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=err_file,
                 )
-            if not wait_attached(strace_log, strace, ATTACH_TIMEOUT_S):
-                result["error"] = f"strace did not attach: {harness.tail(strace_log)}"
+            if args.tool == "perf":
+                time.sleep(PERF_ATTACH_S)
+                attached = strace.poll() is None
+            else:
+                attached = wait_attached(strace_log, strace, ATTACH_TIMEOUT_S)
+            if not attached:
+                result["error"] = f"{args.tool} did not attach: {harness.tail(strace_log)}"
                 return result
             lg = [str(loadgen), "-addr", f"{harness.HOST}:{port}", "-json"]
             lg += ["-conns", str(args.conns), "-size", str(args.size)]
@@ -140,7 +195,9 @@ def run_one(name: str, args: argparse.Namespace, loadgen: Path) -> dict[str, Any
                 "mismatches": report.get("mismatches"),
                 "errors": report.get("errors"),
                 "error_samples": report.get("error_samples"),
-                "syscalls": parse_strace_summary(strace_out.read_text()),
+                "syscalls": (parse_strace_summary if args.tool == "strace" else parse_perf_csv)(
+                    strace_out.read_text()
+                ),
             }
             if done.returncode != 0 or not work:
                 result["error"] = f"loadgen exit {done.returncode}: {done.stderr.strip()[-300:]}"
@@ -167,17 +224,25 @@ def render_md(doc: dict[str, Any]) -> str:
         {n for per in rates.values() for n in per},
         key=lambda n: (-max(per.get(n, (0.0, 0.0))[0] for per in rates.values()), n),
     )
-    out = [f"# System calls per {unit}, by name (strace -c)", ""]
+    tool = meta.get("tool", "strace")
+    how = "strace -c" if tool == "strace" else "perf stat, syscall tracepoints"
+    out = [f"# System calls per {unit}, by name ({how})", ""]
     out += [
         f"- **date**: {meta['date']}",
         f"- **command**: `{meta['command']}`",
         f"- **tree**: {meta['git']}",
         f"- **tools**: {meta['strace']}, {meta['kernel']}",
         f"- **load**: {meta['load']}",
-        "- strace stops the server at every system call, so it runs many times slower: only"
-        " counts mean something, not times; and `epoll_wait` per request (and the EAGAIN"
-        " share of reads) is lower than undisturbed, since a slowed server finds more"
-        " connections ready per wait.",
+        (
+            "- strace stops the server at every system call, so it runs many times slower:"
+            " only counts mean something, not times; and `epoll_wait` per request (and the"
+            " EAGAIN share of reads) is lower than undisturbed, since a slowed server finds"
+            " more connections ready per wait."
+            if tool == "strace"
+            else "- perf counts kernel tracepoints and barely slows the server, so these are"
+            " the undisturbed counts; only the names listed in `PERF_SYSCALLS` are counted"
+            " by name (`(all)` is every call), and failed calls are not counted apart."
+        ),
         "",
         f"Calls per {unit}; in parentheses the calls that failed (mostly EAGAIN). Work done: "
         + ", ".join(f"{r['server']} {r['work']:,}" for r in results)
@@ -197,7 +262,8 @@ def render_md(doc: dict[str, Any]) -> str:
         if any(row):
             out.append(f"| `{name}` | " + " | ".join(row) + " |")
     totals = [
-        (sum(c for c, _ in per.values()), sum(e for _, e in per.values())) for per in rates.values()
+        (sum(c for n, (c, _) in per.items() if n != "(all)"), sum(e for _, e in per.values()))
+        for per in rates.values()
     ]
     out.append("| **total** | " + " | ".join(f"**{cell(c, e)}**" for c, e in totals) + " |")
     failed = [r for r in doc["results"] if r["status"] != "ok"]
@@ -213,6 +279,7 @@ def main() -> int:
     )
     p.add_argument("--servers", default=",".join(DEFAULT_SERVERS))
     p.add_argument("--mode", choices=["rr", "short"], default="rr")
+    p.add_argument("--tool", choices=["strace", "perf"], default="strace")
     p.add_argument("--requests", type=int, default=20_000, help="rr: round trips in all")
     p.add_argument("--conns", type=int, default=50, help="connections (rr) or clients (short)")
     p.add_argument("--depth", type=int, default=1, help="rr: requests in flight per connection")
@@ -223,13 +290,15 @@ def main() -> int:
     p.add_argument("--loadgen-cpu", type=int, default=1)
     p.add_argument("--out", type=Path, help="output prefix (default bench/results/syscalls-MODE)")
     args = p.parse_args()
-    if shutil.which("strace") is None:
-        sys.exit("syscalls.py: strace not found (apt-get install strace)")
+    if shutil.which(args.tool) is None:
+        package = "strace" if args.tool == "strace" else "linux-perf"
+        sys.exit(f"syscalls.py: {args.tool} not found (apt-get install {package})")
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = [s for s in servers if s not in harness.SERVERS]
     if unknown:
         sys.exit(f"syscalls.py: unknown server(s) {unknown} (known: {', '.join(harness.SERVERS)})")
-    out = args.out or harness.BENCH / "results" / f"syscalls-{args.mode}"
+    suffix = "" if args.tool == "strace" else f"-{args.tool}"
+    out = args.out or harness.BENCH / "results" / f"syscalls-{args.mode}{suffix}"
     loadgen, unbuilt = harness.build([])
     servers = [s for s in servers if s not in unbuilt]
     os.sched_setaffinity(0, {args.loadgen_cpu})  # off the server's core
@@ -244,15 +313,19 @@ def main() -> int:
         "command": shlex.join([os.path.relpath(sys.executable, Path.cwd()), *sys.argv]),
         "git": harness.git_meta(),
         "mode": args.mode,
+        "tool": args.tool,
         "load": load,
-        "strace": (harness.run_text(["strace", "-V"]) or "strace").splitlines()[0],
+        "strace": (harness.run_text([args.tool, "--version"]) or args.tool).splitlines()[0],
         "kernel": harness.machine_meta()["kernel"],
     }
     results = []
     for name in servers:
         result = run_one(name, args, loadgen)
         results.append(result)
-        total = sum(v["calls"] for v in result.get("syscalls", {}).values())
+        calls = result.get("syscalls", {})
+        total = (
+            calls["(all)"]["calls"] if "(all)" in calls else sum(v["calls"] for v in calls.values())
+        )
         harness.log(
             f"{name:18} {result['status']:6} work {result.get('work', 0):>7,} "
             f"syscalls {total:>8,} {result.get('error', '')}"
