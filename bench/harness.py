@@ -741,6 +741,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="before each run wait up to S s for both CPUs to be under 10%% busy (0: don't)",
     )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="run a disturbed run again up to N times (default 2; 0 on a machine that stays busy)",
+    )
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--loadgen-cpu", type=int, default=1)
     p.add_argument(
@@ -817,6 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_cpu=server_cpu,
         loadgen_cpu=loadgen_cpu,
         wait_quiet=args.wait_quiet,
+        retries=args.retries,
     )
     meta: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
