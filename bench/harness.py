@@ -637,11 +637,15 @@ def render_md(
         kept = [r for r in disturbed if "run again" not in r.error]
         notes.append(
             f"{len(disturbed)} run(s) were disturbed (other processes used more than "
-            f"{DISTURBED_PCT:g} % of a pinned core) and not counted; each was retried, up to "
+            f"{DISTURBED_PCT:g} % of a pinned core) and left out of the medians where an "
+            "undisturbed attempt exists; each was retried, up to "
             f"{meta['settings'].get('retries', 2)} times"
             + (
-                ". Still disturbed after the retries, so missing from the medians: "
+                ". Still disturbed after the retries: "
                 + "; ".join(f"round {r.round} {r.scenario} {r.server}" for r in kept)
+                # summarize() falls back on them when a row has no undisturbed run
+                + ". A row with no undisturbed run shows the medians of its disturbed"
+                " attempts, marked ‡ (its other % says by how much)"
                 if kept
                 else ""
             )
