@@ -259,8 +259,10 @@ async def measure(n: int, tracing: bool, frames: int) -> dict[str, Any]:
             await wait_active(server, 0)
             probes["after_close"] = Probe(tracing)
         finally:
-            await child.stdin.aclose()
-            with trio.move_on_after(10):
+            # Shielded and bounded: the child must be told to go even if we were
+            # cancelled, and must not hold us up for more than a few seconds.
+            with trio.move_on_after(10, shield=True):
+                await child.stdin.aclose()  # EOF on its stdin: the child exits
                 await child.wait()
             if child.returncode is None:
                 child.kill()
