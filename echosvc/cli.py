@@ -126,6 +126,14 @@ def serve(
     log_level: Annotated[
         LogLevel, typer.Option(envvar="ECHOSVC_LOG_LEVEL", help="Lowest level logged.")
     ] = _DEFAULTS.log_level,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            envvar="ECHOSVC_METRICS",
+            metavar="HOST:PORT",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics; off: none.",
+        ),
+    ] = "off",
 ) -> None:
     """Run the echo service until SIGTERM or SIGINT (a second one stops at once)."""
     try:
@@ -142,6 +150,7 @@ def serve(
             workers=_parse_workers(workers),
             log_format=log_format,
             log_level=log_level,
+            metrics=metrics,
         )
     except ConfigError as exc:
         raise typer.BadParameter(exc.message, param_hint=_param_hint(ctx, exc.field)) from None

@@ -16,6 +16,11 @@ A worker started by `echosvc.supervisor` is this same daemon with two
 differences, both set through the environment by its supervisor: it binds
 with ``SO_REUSEPORT`` (or adopts the sockets the supervisor passed), and its
 notify socket is the supervisor's, to which it also reports its counters.
+
+With ``--metrics`` (or an inherited socket named ``metrics``) the daemon
+also serves the Prometheus endpoint of `echosvc.metrics`, on listeners of
+its own in the same nursery, from before ``listening`` until the process
+exits: scrapes go on through the shutdown grace.
 """
 
 from __future__ import annotations
@@ -32,15 +37,26 @@ import structlog
 import trio
 
 from . import logs, systemd
-from .config import Config
-from .listeners import BindError, adopt_listeners, open_listeners
+from .config import Config, split_host_port
+from .listeners import BindError, adopt_listeners, format_address, open_listeners
 from .server import Server, serve
 
-__all__ = ["StopControl", "raise_open_files_limit", "run", "take_inherited_sockets"]
+__all__ = [
+    "METRICS_FD_NAME",
+    "StopControl",
+    "raise_open_files_limit",
+    "run",
+    "split_metrics_socket",
+    "take_inherited_sockets",
+    "take_inherited_sockets_with_names",
+]
 
 # Set by the supervisor for its workers; not for people.
 WORKER_ENV = "_ECHOSVC_WORKER"
 LISTEN_FDS_ENV = "_ECHOSVC_LISTEN_FDS"
+
+# FileDescriptorName= of the inherited socket that serves the metrics.
+METRICS_FD_NAME = "metrics"
 
 
 def raise_open_files_limit() -> int:
@@ -61,14 +77,48 @@ def take_inherited_sockets() -> list[socket.socket]:
       ValueError: the variables describing them are malformed.
 
     """
+    return [sock for sock, _ in take_inherited_sockets_with_names()]
+
+
+def take_inherited_sockets_with_names() -> list[tuple[socket.socket, str]]:
+    """`take_inherited_sockets`, each with its name (``$LISTEN_FDNAMES``).
+
+    A supervisor passes its workers echo sockets only, named ``"unknown"``.
+
+    Raises:
+      ValueError: the variables describing them are malformed.
+
+    """
     fds = os.environ.pop(LISTEN_FDS_ENV, None)
     if fds:
         try:
             numbers = [int(fd) for fd in fds.split(",")]
         except ValueError:
             raise ValueError(f"{LISTEN_FDS_ENV}={fds!r} is not a list of descriptors") from None
-        return systemd.sockets_from_fds(numbers)
-    return systemd.listen_sockets()
+        return [(sock, "unknown") for sock in systemd.sockets_from_fds(numbers)]
+    return systemd.listen_sockets_with_names()
+
+
+def split_metrics_socket(
+    named: list[tuple[socket.socket, str]],
+) -> tuple[list[socket.socket], socket.socket | None]:
+    """The echo sockets, and the one named `METRICS_FD_NAME` if there is one.
+
+    Raises:
+      ValueError: several sockets are named ``metrics``, or that is the only
+          one passed (there would be nothing to echo on).
+
+    """
+    metrics = [sock for sock, name in named if name == METRICS_FD_NAME]
+    echo = [sock for sock, name in named if name != METRICS_FD_NAME]
+    if len(metrics) > 1:
+        fds = ", ".join(str(sock.fileno()) for sock in metrics)
+        raise ValueError(f"inherited fds {fds} are all named {METRICS_FD_NAME!r}; one at most")
+    if metrics and not echo:
+        raise ValueError(
+            f"the only inherited socket is the one named {METRICS_FD_NAME!r}: nothing to echo on"
+        )
+    return echo, (metrics[0] if metrics else None)
 
 
 def run(config: Config, *, address_given: bool = False) -> int:
@@ -86,15 +136,21 @@ def run(config: Config, *, address_given: bool = False) -> int:
     logs.configure(config.log_format, config.log_level, worker=worker)
     raise_open_files_limit()
     try:
-        inherited = take_inherited_sockets()
+        inherited, metrics_socket = split_metrics_socket(take_inherited_sockets_with_names())
     except ValueError as exc:
         print(f"echosvc: {exc}", file=sys.stderr)
         return 1
-    return trio.run(_main, config, inherited, address_given, worker)
+    main = partial(_main, metrics_socket=metrics_socket)
+    return trio.run(main, config, inherited, address_given, worker)
 
 
 async def _main(
-    config: Config, inherited: list[socket.socket], address_given: bool, worker: int | None
+    config: Config,
+    inherited: list[socket.socket],
+    address_given: bool,
+    worker: int | None,
+    *,
+    metrics_socket: socket.socket | None = None,
 ) -> int:
     log = structlog.get_logger("echosvc")
     notifier = systemd.Notifier()
@@ -116,6 +172,11 @@ async def _main(
                 print(f"echosvc: {exc.strerror}", file=sys.stderr)
                 return 1
             activation = "bind"
+        try:
+            metrics_listeners = await _metrics_listeners(config, metrics_socket, worker)
+        except BindError as exc:
+            print(f"echosvc: --metrics: {exc.strerror}", file=sys.stderr)
+            return 1
 
         exit_status = 0
 
@@ -128,6 +189,8 @@ async def _main(
             server: Server = await nursery.start(
                 partial(_serve_then_stop, config, listeners, nursery.cancel_scope)
             )
+            if metrics_listeners:
+                _start_metrics(nursery, server, metrics_listeners)
             log.info(
                 "listening",
                 addresses=server.addresses,
@@ -242,6 +305,46 @@ async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
     await serve(config, listeners=listeners, task_status=task_status)
     # Drained: the status reporter, the watchdog and the signal loop go too.
     daemon_scope.cancel()
+
+
+async def _metrics_listeners(
+    config: Config, inherited: socket.socket | None, worker: int | None
+) -> list[trio.SocketListener]:
+    """The endpoint's listeners: the inherited ``metrics`` socket, or --metrics bound.
+
+    Raises:
+      BindError: ``--metrics`` cannot be bound.
+
+    """
+    if inherited is not None:
+        if config.metrics is not None and worker is None:
+            structlog.get_logger("echosvc").warning(
+                "address_ignored",
+                reason=f"socket activation: metrics served on the socket named {METRICS_FD_NAME}",
+            )
+        return adopt_listeners([inherited])
+    if config.metrics is None:
+        return []
+    host, port = split_host_port(config.metrics)
+    # Every address the host resolves to, on one port, as --host does.
+    return await open_listeners(Config(hosts=(host,), port=port))
+
+
+def _start_metrics(
+    nursery: trio.Nursery, server: Server, listeners: list[trio.SocketListener]
+) -> None:
+    # Imported here: prometheus_client and h11 are start-up time that only
+    # a daemon serving metrics should pay.
+    from . import metrics
+
+    monitor = metrics.LoopMonitor()
+    nursery.start_soon(monitor.run, name="echosvc loop monitor")
+    registry = metrics.daemon_registry(server, monitor)
+    addresses = [format_address(listener.socket.getsockname()) for listener in listeners]
+    nursery.start_soon(metrics.serve_metrics, listeners, registry, name="echosvc metrics")
+    log = structlog.get_logger("echosvc")
+    for address in addresses:
+        log.info("metrics_listening", address=address)
 
 
 async def _ignore(signals: AsyncIterator[int]) -> None:

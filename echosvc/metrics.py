@@ -391,21 +391,17 @@ def daemon_registry(server: HasStatistics, monitor: LoopMonitor) -> CollectorReg
 # --- the endpoint ---------------------------------------------------------------
 
 
-async def serve_metrics(  # noqa: ASYNC128 -- started() is called here, before the loops
-    listeners: Sequence[trio.SocketListener],
-    source: Source,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
+async def serve_metrics(listeners: Sequence[trio.SocketListener], source: Source) -> None:
     """Serve ``GET``/``HEAD /metrics`` on ``listeners`` until cancelled.
+
+    The listeners are listening already, so a scrape that arrives before
+    the accept loops run waits in the backlog: start it with ``start_soon``.
 
     Args:
       listeners: the endpoint's own listeners; ``serve_metrics`` takes
           ownership and closes them.
       source: what to expose: a collector (a registry), or an async
           callable returning one for each scrape.
-      task_status: for ``nursery.start``; started once every listener is
-          being served.
 
     Resource handling:
       Each connection is its own task under one `SCRAPE_TIMEOUT_S` deadline
@@ -418,7 +414,6 @@ async def serve_metrics(  # noqa: ASYNC128 -- started() is called here, before t
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(_accept_loop, listener, source, limiter, nursery)
-            task_status.started()
     finally:
         for listener in listeners:
             listener.socket.close()

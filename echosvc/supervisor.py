@@ -240,7 +240,9 @@ class _Supervisor:
             for key, value in os.environ.items()
             if not key.startswith(("ECHOSVC_", "WATCHDOG_", "NOTIFY_SOCKET"))
         }
-        env.update(environment_for(attrs.evolve(self.config, port=port, workers=1)))
+        # The metrics endpoint is the supervisor's alone: workers bind none.
+        worker_config = attrs.evolve(self.config, port=port, workers=1, metrics=None)
+        env.update(environment_for(worker_config))
         env[WORKER_ENV] = str(worker.index)
         env["NOTIFY_SOCKET"] = "@" + worker.notify_address[1:]
         if self.inherited:

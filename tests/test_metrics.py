@@ -14,9 +14,14 @@ from __future__ import annotations
 import gzip
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import h11
 import prometheus_client
@@ -30,10 +35,12 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from echosvc import CloseReason, Config, Server, __version__, serve
+from echosvc import CloseReason, Config, ConfigError, Server, __version__, serve
 from echosvc import metrics as em
 
-from .support import captured_logs, connect, receive_until_eof, round_trip
+from .support import Daemon, captured_logs, child_env, connect, receive_until_eof, round_trip
+from .test_cli import run_cli
+from .test_systemd import free_port, needs_socket_activate
 
 TIME_LIMIT = 30
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -460,7 +467,7 @@ async def endpoint(source: em.Source) -> AsyncIterator[int]:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port: int = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        await nursery.start(em.serve_metrics, listeners, source)
+        nursery.start_soon(em.serve_metrics, listeners, source)
         yield port
         nursery.cancel_scope.cancel()
 
@@ -479,3 +486,223 @@ async def test_a_scraper_that_sends_nothing_does_not_delay_another() -> None:
             assert elapsed < 1.0, elapsed
             for stream in [*silent, half]:
                 await stream.aclose()
+
+
+# --- the daemon: --metrics, promtool, socket activation -------------------------
+
+
+async def scrape(port: int, accept: str | None = None) -> str:
+    headers = [("Accept", accept)] if accept else []
+    status, _, body = await http_request(port, headers=headers)
+    assert status == 200, body
+    return body.decode()
+
+
+class ToolResult:
+    def __init__(self, process: subprocess.CompletedProcess[bytes]) -> None:
+        self.returncode = process.returncode
+        self.stdout = process.stdout.decode(errors="replace")
+        self.stderr = process.stderr.decode(errors="replace")
+
+
+async def run_tool(argv: list[str], *, stdin: bytes = b"", cwd: Path | None = None) -> ToolResult:
+    with trio.fail_after(TIME_LIMIT):
+        done = await trio.run_process(
+            argv, stdin=stdin, capture_stdout=True, capture_stderr=True, cwd=cwd, check=False
+        )
+    return ToolResult(done)
+
+
+def metrics_port(daemon: Daemon) -> int:
+    [record] = daemon.events("metrics_listening")
+    return int(record["address"].rsplit(":", 1)[1])
+
+
+@needs_promtool
+async def test_promtool_checks_a_running_daemons_output_in_both_formats(tmp_path: Path) -> None:
+    with trio.fail_after(TIME_LIMIT):
+        async with trio.open_nursery() as nursery:
+            daemon = await Daemon.start(
+                nursery, "--port", "0", "--metrics", "127.0.0.1:0", "--read-timeout", "0.2"
+            )
+            [listening] = daemon.events("metrics_listening")
+            port = metrics_port(daemon)
+            assert listening["address"] == f"127.0.0.1:{port}"
+            assert listening["address"] not in daemon.listening["addresses"]
+            # Something to count: an echo and a read timeout.
+            await eof_connection(daemon.port)
+            async with await connect(daemon.port) as idle:
+                assert await receive_until_eof(idle) == b""
+            await daemon.wait_for("connection_closed", 2)
+            text = await scrape(port)
+            om_text = await scrape(port, OPENMETRICS)
+            assert await daemon.stop() == 0
+
+    # The text format: promtool's linter (names, help, types, units, _total).
+    lint = await run_tool(["promtool", "check", "metrics"], stdin=text.encode())
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert 'echosvc_connections_closed_total{reason="read_timeout"} 1.0' in text
+    # OpenMetrics: promtool 2.42's linter reads only the text format, but
+    # its OpenMetrics backfill parses with Prometheus' own (strict)
+    # OpenMetrics parser, given a timestamp on every sample.
+    stamped = re.sub(r"^([^#\n].*)$", rf"\1 {int(time.time())}", om_text, flags=re.MULTILINE)
+    (tmp_path / "metrics.om").write_text(stamped)
+    backfill = await run_tool(
+        ["promtool", "tsdb", "create-blocks-from", "openmetrics", "metrics.om", "blocks"],
+        cwd=tmp_path,
+    )
+    assert backfill.returncode == 0, backfill.stdout + backfill.stderr
+    # Every sample made it: NUM SAMPLES, NUM CHUNKS and NUM SERIES in its table.
+    series = len([line for line in om_text.splitlines() if not line.startswith("#")])
+    assert re.search(rf"\s{series}\s+{series}\s+{series}\s", backfill.stdout), backfill.stdout
+    assert families(om_text, openmetrics=True)  # and prometheus_client's strict parser
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("127.0.0.1:9180", "127.0.0.1:9180"),
+        (" 0.0.0.0:0 ", "0.0.0.0:0"),
+        ("[::1]:9180", "[::1]:9180"),
+        ("localhost:9180", "localhost:9180"),
+        ("off", None),
+        ("OFF", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_the_metrics_address_is_host_port_or_off(given: str | None, expected: str | None) -> None:
+    assert Config(metrics=given).metrics == expected
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["9180", ":9180", "::1:9180", "[::1]", "[::1]:", "host:65536", "host:+80", "host:٣"],
+)
+def test_a_metrics_address_that_is_not_host_port_names_the_field(given: str) -> None:
+    with pytest.raises(ConfigError, match=r"^metrics: ") as caught:
+        Config(metrics=given)
+    assert caught.value.field == "metrics"
+
+
+def test_a_bad_metrics_value_is_a_usage_error_naming_the_flag() -> None:
+    for args, env in [(["--metrics", "9180"], {}), ([], {"ECHOSVC_METRICS": "localhost:70000"})]:
+        done = run_cli("serve", *args, env=env)
+        assert done.returncode == 2, (args, env, done.stderr)
+        assert "'--metrics' / ECHOSVC_METRICS" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_a_metrics_port_in_use_is_one_line_and_status_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--port", "0", "--metrics", f"127.0.0.1:{port}")
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert lines == [
+        f"echosvc: --metrics: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ], done.stderr
+    assert '"listening"' not in done.stderr
+
+
+async def test_off_is_no_endpoint_and_the_env_variable_works_too() -> None:
+    with trio.fail_after(TIME_LIMIT):
+        async with trio.open_nursery() as nursery:
+            daemon = await Daemon.start(nursery, "--port", "0", env={"ECHOSVC_METRICS": "off"})
+            assert daemon.events("metrics_listening") == []
+            assert await daemon.stop() == 0
+            port = free_port()
+            env = {"ECHOSVC_METRICS": f"127.0.0.1:{port}"}
+            daemon = await Daemon.start(nursery, "--port", "0", env=env)
+            assert metrics_port(daemon) == port
+            assert "echosvc_connections_active 0.0" in await scrape(port)
+            assert await daemon.stop() == 0
+
+
+async def test_scrapes_go_on_through_the_shutdown_grace() -> None:
+    with trio.fail_after(TIME_LIMIT):
+        async with trio.open_nursery() as nursery:
+            daemon = await Daemon.start(
+                nursery, "--port", "0", "--metrics", "127.0.0.1:0", "--shutdown-grace", "3"
+            )
+            port = metrics_port(daemon)
+            async with await connect(daemon.port) as stuck:
+                # A client that never reads holds the server in its grace.
+                with trio.move_on_after(0.3):
+                    while True:
+                        await stuck.send_all(b"s" * 1023 + b"\n")
+                daemon.send_signal(signal.SIGTERM)
+                await daemon.wait_for("shutdown_started")
+                text = await scrape(port)
+                assert "echosvc_connections_active 1.0" in text
+            assert await daemon.wait() == 0
+
+
+@needs_socket_activate
+async def test_the_inherited_socket_named_metrics_is_the_endpoint() -> None:
+    """systemd-socket-activate with two sockets, the second named metrics
+    (``--fdname``, i.e. ``FileDescriptorName=``): the first is the echo, the
+    second the endpoint, and a scrape is what wakes the service up."""
+    echo_port, port = free_port(), free_port()
+    argv = ["systemd-socket-activate", "-E", "PATH", "--fdname=echo:metrics"]
+    argv += ["-l", f"127.0.0.1:{echo_port}", "-l", f"127.0.0.1:{port}"]
+    argv += [sys.executable, "-m", "echosvc", "serve"]
+    with trio.fail_after(TIME_LIMIT):
+        async with trio.open_nursery() as nursery:
+            daemon = await Daemon.start(
+                nursery, "--metrics", "127.0.0.1:1", argv=argv, wait_for=None
+            )
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        text = await scrape(port)
+                        break
+                    except OSError:
+                        await trio.sleep(0.05)
+            assert "echosvc_connections_accepted_total 0.0" in text
+            listening = (await daemon.wait_for("listening"))[0]
+            assert listening["activation"] == "systemd"
+            assert listening["addresses"] == [f"127.0.0.1:{echo_port}"]
+            [record] = daemon.events("metrics_listening")
+            assert record["address"] == f"127.0.0.1:{port}"
+            # --metrics was given as well: ignored, with a warning.
+            assert any("metrics" in r["reason"] for r in daemon.events("address_ignored"))
+            await eof_connection(echo_port)
+            await daemon.wait_for("connection_closed")
+            assert "echosvc_connections_accepted_total 1.0" in await scrape(port)
+            assert await daemon.stop() == 0
+
+
+def test_only_a_metrics_socket_or_two_of_them_is_one_clear_line_and_status_1() -> None:
+    for names in ("metrics", "metrics:metrics"):
+        sockets = [socket.socket() for _ in names.split(":")]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        trampoline = (
+            "import os, sys\n"
+            "for i, fd in enumerate(sys.argv[1:]): os.dup2(int(fd), 3 + i)\n"
+            "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+            "os.execv(sys.executable, [sys.executable, '-m', 'echosvc', 'serve'])\n"
+        )
+        env = {"LISTEN_FDS": str(len(sockets)), "LISTEN_FDNAMES": names}
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", trampoline, *(str(s.fileno()) for s in sockets)],
+                env=child_env(env),
+                pass_fds=[s.fileno() for s in sockets],
+                capture_output=True,
+                text=True,
+                timeout=TIME_LIMIT,
+                check=False,
+            )
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("echosvc: "), lines
+        assert "'metrics'" in lines[0], lines
