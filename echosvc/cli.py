@@ -21,7 +21,7 @@ import typer
 from . import daemon, supervisor
 from ._version import __version__
 from .bench import BenchResult, run_bench, run_child
-from .client import LoadShape, ProbeError, probe
+from .client import LoadShape, ProbeError, probe, probe_udp
 from .config import Config, ConfigError, LogFormat, LogLevel, Mode
 
 __all__ = ["app", "main"]
@@ -126,6 +126,27 @@ def serve(
     log_level: Annotated[
         LogLevel, typer.Option(envvar="ECHOSVC_LOG_LEVEL", help="Lowest level logged.")
     ] = _DEFAULTS.log_level,
+    udp: Annotated[
+        bool,
+        typer.Option(
+            "--udp",
+            envvar="ECHOSVC_UDP",
+            help="Also serve echo over UDP on the same hosts and port.",
+            show_default="off",
+        ),
+    ] = _DEFAULTS.udp,
+    udp_max_bytes: Annotated[
+        int,
+        typer.Option(
+            envvar="ECHOSVC_UDP_MAX_BYTES", help="Longest datagram echoed; longer ones are dropped."
+        ),
+    ] = _DEFAULTS.udp_max_bytes,
+    udp_rate: Annotated[
+        int,
+        typer.Option(
+            envvar="ECHOSVC_UDP_RATE", help="Datagrams per second per source (and the burst)."
+        ),
+    ] = _DEFAULTS.udp_rate,
     metrics: Annotated[
         str,
         typer.Option(
@@ -150,6 +171,9 @@ def serve(
             workers=_parse_workers(workers),
             log_format=log_format,
             log_level=log_level,
+            udp=udp,
+            udp_max_bytes=udp_max_bytes,
+            udp_rate=udp_rate,
             metrics=metrics,
         )
     except ConfigError as exc:
@@ -201,15 +225,23 @@ def check(
         int, typer.Option(envvar="ECHOSVC_PORT", min=1, max=65535, help="Port to probe.")
     ] = _DEFAULTS.port,
     timeout: Annotated[float, typer.Option(help="Seconds for the whole probe.", min=0.001)] = 2.0,
+    udp: Annotated[
+        bool, typer.Option("--udp", help="Probe the UDP echo: one datagram, back byte-exact.")
+    ] = False,
 ) -> None:
     """Send one random line and expect it back: exit 0 and the round trip, else exit 1."""
     target = host.split(",")[0].strip()
+    name = f"{target}:{port}"
     try:
-        elapsed = trio.run(probe, target, port, timeout)
+        if udp:
+            name = "udp://" + (f"[{target}]:{port}" if ":" in target else name)
+            elapsed = trio.run(probe_udp, target, port, timeout)
+        else:
+            elapsed = trio.run(probe, target, port, timeout)
     except ProbeError as exc:
-        typer.echo(f"echosvc check: {target}:{port}: {exc}", err=True)
+        typer.echo(f"echosvc check: {name}: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"ok {target}:{port} round trip {elapsed * 1000:.2f} ms")
+    typer.echo(f"ok {name} round trip {elapsed * 1000:.2f} ms")
 
 
 @app.command()

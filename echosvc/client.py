@@ -26,7 +26,15 @@ from collections.abc import Awaitable, Callable, Mapping
 import attrs
 import trio
 
-__all__ = ["LoadReport", "LoadShape", "ProbeError", "generate_load", "percentile_us", "probe"]
+__all__ = [
+    "LoadReport",
+    "LoadShape",
+    "ProbeError",
+    "generate_load",
+    "percentile_us",
+    "probe",
+    "probe_udp",
+]
 
 
 class ProbeError(Exception):
@@ -74,6 +82,58 @@ async def probe(host: str, port: int, timeout: float) -> float:  # noqa: ASYNC10
     if received != line:
         raise ProbeError(f"echo mismatch: sent {line!r}, received {received!r}")
     return elapsed
+
+
+# UDP may lose the probe or its echo: send again this many times in all,
+# evenly over the timeout, each datagram distinct.
+UDP_PROBE_ATTEMPTS = 4
+
+
+async def probe_udp(host: str, port: int, timeout: float) -> float:  # noqa: ASYNC109
+    """Round-trip one random datagram through the UDP echo at ``host:port``.
+
+    Like `probe`, ``timeout`` bounds the whole probe. Since a datagram may be
+    lost, a new one (each distinct) is sent every ``timeout / 4`` seconds,
+    four at most, and the first exact echo of any of them is the answer.
+    The socket is connected, so only the server's replies are read, and an
+    ICMP "port unreachable" fails the probe at once.
+
+    Returns:
+      The seconds from sending the datagram that came back to its echo.
+
+    Raises:
+      ProbeError: nothing serves UDP there, no echo in time, or a reply
+          that is not exactly one of the datagrams sent.
+
+    """
+    sent: dict[bytes, float] = {}
+    try:
+        with trio.fail_after(timeout):
+            infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+            family, _, _, _, sockaddr = infos[0]
+            with trio.socket.socket(family, trio.socket.SOCK_DGRAM) as sock:
+                await sock.connect(sockaddr)
+                interval = timeout / UDP_PROBE_ATTEMPTS
+                for attempt in range(1, UDP_PROBE_ATTEMPTS + 1):
+                    datagram = b"echosvc-check " + secrets.token_hex(8).encode()
+                    sent[datagram] = trio.current_time()
+                    await sock.send(datagram)
+                    # The last attempt waits for the probe's own deadline.
+                    last = attempt == UDP_PROBE_ATTEMPTS
+                    with trio.move_on_after(math.inf if last else interval):
+                        reply = await sock.recv(65536)
+                        if reply not in sent:
+                            raise ProbeError(f"echo mismatch: received {reply!r}")
+                        return trio.current_time() - sent[reply]
+    except trio.TooSlowError:
+        raise ProbeError(f"no echo within {timeout:g} s") from None
+    except socket.gaierror as exc:
+        raise ProbeError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    except OSError as exc:
+        if exc.errno == errno.ECONNREFUSED:
+            raise ProbeError("port unreachable: nothing serves UDP there") from None
+        raise ProbeError(_describe(exc)) from None
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _describe(exc: OSError) -> str:

@@ -91,6 +91,24 @@ def _at_least_one(inst: object, attribute: attrs.Attribute[Any], value: int) -> 
         raise ConfigError(attribute.name, f"must be at least 1, not {value!r}")
 
 
+def _flag(inst: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(attribute.name, f"must be true or false, not {value!r}")
+
+
+# The largest payload a UDP header can describe (its length field is 16 bits,
+# and counts the 8-byte header): a larger limit could never be reached.
+MAX_UDP_PAYLOAD = 65535 - 8
+
+
+def _udp_bytes(inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    _at_least_one(inst, attribute, value)
+    if value > MAX_UDP_PAYLOAD:
+        raise ConfigError(
+            attribute.name, f"must be at most {MAX_UDP_PAYLOAD} (a UDP datagram), not {value!r}"
+        )
+
+
 def _port(inst: object, attribute: attrs.Attribute[int], value: int) -> None:
     _whole(inst, attribute, value)
     if not 0 <= value <= 65535:
@@ -197,6 +215,10 @@ class Config:
     workers: int = attrs.field(default=1, validator=_at_least_one)
     log_format: LogFormat = attrs.field(default=LogFormat.AUTO, converter=_log_format)
     log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=_log_level)
+    # UDP echo (RFC 862's datagram half): off unless asked for; see echosvc.udp.
+    udp: bool = attrs.field(default=False, validator=_flag)
+    udp_max_bytes: int = attrs.field(default=1472, validator=_udp_bytes)
+    udp_rate: int = attrs.field(default=100, validator=_at_least_one)
     # The Prometheus endpoint, "host:port"; None: off. Read by the daemon only.
     metrics: str | None = attrs.field(default=None, converter=_metrics_address)
 

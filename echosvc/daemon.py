@@ -38,7 +38,14 @@ import trio
 
 from . import logs, systemd
 from .config import Config, split_host_port
-from .listeners import BindError, adopt_listeners, format_address, open_listeners
+from .listeners import (
+    BindError,
+    adopt_listeners,
+    format_address,
+    open_listeners,
+    open_listeners_and_udp,
+    take_datagram_sockets,
+)
 from .server import Server, serve
 
 __all__ = [
@@ -105,12 +112,18 @@ def split_metrics_socket(
     """The echo sockets, and the one named `METRICS_FD_NAME` if there is one.
 
     Raises:
-      ValueError: several sockets are named ``metrics``, or that is the only
-          one passed (there would be nothing to echo on).
+      ValueError: several sockets are named ``metrics``, it is not a stream
+          socket, or it is the only one passed (nothing to echo on).
 
     """
     metrics = [sock for sock, name in named if name == METRICS_FD_NAME]
     echo = [sock for sock, name in named if name != METRICS_FD_NAME]
+    for sock in metrics:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(
+                f"inherited fd {sock.fileno()} is named {METRICS_FD_NAME!r} but is not a"
+                " stream socket (ListenStream= in the socket unit)"
+            )
     if len(metrics) > 1:
         fds = ", ".join(str(sock.fileno()) for sock in metrics)
         raise ValueError(f"inherited fds {fds} are all named {METRICS_FD_NAME!r}; one at most")
@@ -137,11 +150,13 @@ def run(config: Config, *, address_given: bool = False) -> int:
     raise_open_files_limit()
     try:
         inherited, metrics_socket = split_metrics_socket(take_inherited_sockets_with_names())
+        # Datagram sockets (ListenDatagram=) serve the UDP echo.
+        udp_inherited, inherited = take_datagram_sockets(inherited)
     except ValueError as exc:
         print(f"echosvc: {exc}", file=sys.stderr)
         return 1
     main = partial(_main, metrics_socket=metrics_socket)
-    return trio.run(main, config, inherited, address_given, worker)
+    return trio.run(main, config, inherited, address_given, worker, udp_inherited)
 
 
 async def _main(
@@ -149,6 +164,7 @@ async def _main(
     inherited: list[socket.socket],
     address_given: bool,
     worker: int | None,
+    udp_inherited: list[socket.socket],
     *,
     metrics_socket: socket.socket | None = None,
 ) -> int:
@@ -157,17 +173,25 @@ async def _main(
     # Signals are ours from the first moment, so a SIGTERM during start-up
     # is a graceful stop too, not a KeyboardInterrupt traceback.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        if inherited:
+        if inherited or udp_inherited:
             listeners = adopt_listeners(inherited)
+            udp_sockets = udp_inherited
             activation = "systemd"
             if address_given and worker is None:  # a supervisor set them, and warned
                 log.warning(
                     "address_ignored",
                     reason="socket activation: serving the sockets systemd passed",
                 )
+            if config.udp and not udp_inherited and worker is None:
+                log.warning(
+                    "address_ignored",
+                    reason="socket activation: --udp needs a datagram socket (ListenDatagram=)",
+                )
         else:
             try:
-                listeners = await open_listeners(config, reuse_port=worker is not None)
+                listeners, udp_sockets = await open_listeners_and_udp(
+                    config, reuse_port=worker is not None
+                )
             except BindError as exc:
                 print(f"echosvc: {exc.strerror}", file=sys.stderr)
                 return 1
@@ -176,6 +200,10 @@ async def _main(
             metrics_listeners = await _metrics_listeners(config, metrics_socket, worker)
         except BindError as exc:
             print(f"echosvc: --metrics: {exc.strerror}", file=sys.stderr)
+            for listener in listeners:
+                listener.socket.close()
+            for sock in udp_sockets:
+                sock.close()
             return 1
 
         exit_status = 0
@@ -187,7 +215,7 @@ async def _main(
 
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
-                partial(_serve_then_stop, config, listeners, nursery.cancel_scope)
+                partial(_serve_then_stop, config, listeners, nursery.cancel_scope, udp_sockets)
             )
             if metrics_listeners:
                 _start_metrics(nursery, server, metrics_listeners)
@@ -299,10 +327,11 @@ async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
     config: Config,
     listeners: list[trio.SocketListener],
     daemon_scope: trio.CancelScope,
+    udp_sockets: list[socket.socket],
     *,
     task_status: trio.TaskStatus[Server],
 ) -> None:
-    await serve(config, listeners=listeners, task_status=task_status)
+    await serve(config, listeners=listeners, udp_sockets=udp_sockets, task_status=task_status)
     # Drained: the status reporter, the watchdog and the signal loop go too.
     daemon_scope.cancel()
 

@@ -29,7 +29,10 @@ __all__ = [
     "adopt_listeners",
     "format_address",
     "open_listeners",
+    "open_listeners_and_udp",
+    "open_udp_sockets",
     "reserve_addresses",
+    "take_datagram_sockets",
 ]
 
 # Linux and the BSDs store the backlog in 16 bits and truncate larger values
@@ -178,3 +181,103 @@ async def _bind(
 def _close(sockets: Iterable[trio.socket.SocketType]) -> None:
     for sock in sockets:
         sock.close()
+
+
+# --- UDP echo: datagram sockets beside the listeners ------------------------
+
+
+async def open_listeners_and_udp(
+    config: Config, *, reuse_port: bool = False
+) -> tuple[list[trio.SocketListener], list[stdlib_socket.socket]]:
+    """`open_listeners`, plus with ``config.udp`` a UDP socket per listener address.
+
+    Each UDP socket is bound to exactly its listener's address and port, so
+    with port ``0`` UDP gets the port TCP got; if that port is taken for UDP,
+    everything is bound again on another one, a few times.
+
+    Raises:
+      BindError: as `open_listeners`; or a UDP address cannot be bound.
+
+    """
+    for attempt in range(_SHARED_PORT_ATTEMPTS):
+        listeners = await open_listeners(config, reuse_port=reuse_port)
+        if not config.udp:
+            return listeners, []
+        try:
+            udp = open_udp_sockets(
+                [listener.socket.getsockname() for listener in listeners], reuse_port=reuse_port
+            )
+        except BindError as exc:
+            _close(listener.socket for listener in listeners)
+            retry = config.port == 0 and exc.errno == errno.EADDRINUSE
+            if not retry or attempt == _SHARED_PORT_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            _close(listener.socket for listener in listeners)
+            raise
+        else:
+            return listeners, udp
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def open_udp_sockets(
+    sockaddrs: Iterable[tuple[object, ...]], *, reuse_port: bool = False
+) -> list[stdlib_socket.socket]:
+    """Bind a non-blocking UDP socket to each address (numeric, port included).
+
+    Raises:
+      BindError: an address cannot be bound; the message names it.
+
+    """
+    sockets: list[stdlib_socket.socket] = []
+    try:
+        for sockaddr in sockaddrs:
+            family = stdlib_socket.AF_INET6 if ":" in str(sockaddr[0]) else stdlib_socket.AF_INET
+            sock = stdlib_socket.socket(family, stdlib_socket.SOCK_DGRAM)
+            sockets.append(sock)
+            sock.setblocking(False)
+            # No SO_REUSEADDR: for UDP on Linux it lets a second process bind
+            # the same address and silently take part of its datagrams;
+            # there is no TIME_WAIT to wait out. SO_REUSEPORT only for workers.
+            if reuse_port:
+                sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+            if family == stdlib_socket.AF_INET6:
+                sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise BindError(
+                    exc.errno, f"cannot listen on udp://{format_address(sockaddr)}: {reason}"
+                ) from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def take_datagram_sockets(
+    sockets: Iterable[stdlib_socket.socket],
+) -> tuple[list[stdlib_socket.socket], list[stdlib_socket.socket]]:
+    """Split inherited sockets into UDP ones (for the UDP echo) and the rest.
+
+    Raises:
+      ValueError: a datagram socket is not UDP over IPv4 or IPv6, or is not
+          bound to a port (systemd's ``ListenDatagram=`` binds it).
+
+    """
+    datagram, rest = [], []
+    for sock in sockets:
+        if sock.type != stdlib_socket.SOCK_DGRAM:
+            rest.append(sock)
+            continue
+        if sock.family not in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
+            raise ValueError(
+                f"inherited fd {sock.fileno()} is a datagram socket of family"
+                f" {sock.family.name}; only UDP (IPv4 or IPv6) is served"
+            )
+        if sock.getsockname()[1] == 0:
+            raise ValueError(f"inherited fd {sock.fileno()} is a UDP socket bound to no port")
+        datagram.append(sock)
+    return datagram, rest

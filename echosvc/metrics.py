@@ -345,7 +345,8 @@ def loop_families(loop: _LoopSnapshot) -> list[Metric]:
         families.append(
             GaugeMetricFamily(
                 "echosvc_trio_tasks_waiting_read",
-                "Trio tasks waiting for a socket to become readable (idle connections).",
+                "Trio tasks waiting in Trio's I/O manager for a socket to become readable"
+                " (listeners; connections too, unless parked on echosvc's netpoller).",
                 value=loop.waiting_read,
             )
         )
@@ -353,7 +354,8 @@ def loop_families(loop: _LoopSnapshot) -> list[Metric]:
         families.append(
             GaugeMetricFamily(
                 "echosvc_trio_tasks_waiting_write",
-                "Trio tasks waiting for a socket to become writable (clients slow to read).",
+                "Trio tasks waiting in Trio's I/O manager for a socket to become writable"
+                " (clients slow to read, unless parked on echosvc's netpoller).",
                 value=loop.waiting_write,
             )
         )

@@ -31,6 +31,10 @@ failures, a histogram of connection durations -- live on the server instance
 (`Tally`), updated once per connection when it closes, and
 `Server.statistics` returns them as a frozen snapshot: what a metrics
 endpoint exposes, with no process-global state.
+
+UDP echo (`echosvc.udp`), when there are datagram sockets to serve, runs in
+the accept nursery: a shutdown stops it and closes its sockets at once,
+with the listeners, since a datagram has nothing to drain.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import bisect
 import errno
 import itertools
+import socket
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
@@ -47,9 +52,11 @@ import trio
 
 from .config import CloseReason, Config
 from .connection import Connection, ConnectionStats
-from .listeners import format_address, open_listeners
+from .listeners import format_address, open_listeners_and_udp
+from .netpoll import Netpoller
 from .pipeline import Stage, stages_for
 from .socketstream import EchoSocketStream
+from .udp import UdpEcho
 
 __all__ = ["DURATION_BUCKETS_S", "DurationHistogram", "Server", "ServerStatistics", "serve"]
 
@@ -200,6 +207,7 @@ class Server:
 
     Attributes:
       listeners: the `trio.SocketListener` objects being served.
+      udp: the UDP echo and its counters (`echosvc.udp.UdpEcho`), or None.
 
     """
 
@@ -208,11 +216,14 @@ class Server:
         config: Config,
         listeners: Sequence[trio.SocketListener],
         stages: Sequence[Stage] | None = None,
+        udp_sockets: Sequence[socket.socket] = (),
     ) -> None:
         self.config = config
         self.listeners = list(listeners)
         self.stages = tuple(stages_for(config) if stages is None else stages)
+        self.udp = UdpEcho(udp_sockets, config) if udp_sockets else None
         self._tally = Tally()
+        self._netpoller = Netpoller()
         self._limiter = trio.CapacityLimiter(config.max_connections)
         self._connections: set[Connection] = set()
         self._ids = itertools.count(1)
@@ -226,12 +237,19 @@ class Server:
 
     @property
     def addresses(self) -> list[str]:
-        """Every listening address as ``"host:port"`` (``"[::1]:port"`` for IPv6)."""
-        return [format_address(listener.socket.getsockname()) for listener in self.listeners]
+        """Every listening address as ``"host:port"`` (``"[::1]:port"`` for IPv6).
+
+        UDP echo addresses follow, as ``"udp://host:port"``.
+        """
+        udp = self.udp.addresses if self.udp is not None else []
+        return [format_address(listener.socket.getsockname()) for listener in self.listeners] + udp
 
     @property
     def port(self) -> int:
         """The port of the first listener (all share it when ``serve`` bound them)."""
+        if not self.listeners and self.udp is not None:  # UDP alone, socket-activated
+            udp_port: int = self.udp.sockets[0].getsockname()[1]
+            return udp_port
         port: int = self.listeners[0].socket.getsockname()[1]
         return port
 
@@ -273,21 +291,30 @@ class Server:
 
     async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
         try:
-            async with trio.open_nursery() as handlers:
-                self._handlers_scope = handlers.cancel_scope
-                with self._accept_scope:
-                    async with trio.open_nursery() as accepting:
-                        for listener in self.listeners:
-                            accepting.start_soon(self._accept_loop, listener, handlers)
-                        task_status.started(self)
-                # Listeners close at once; connections drain in `handlers`.
-                self._close_listeners()
+            # The netpoller outlives every connection that waits through it,
+            # and its failure cancels them all and is serve()'s error.
+            async with trio.open_nursery() as system:
+                system.start_soon(self._netpoller.run, name="echosvc netpoller")
+                async with trio.open_nursery() as handlers:
+                    self._handlers_scope = handlers.cancel_scope
+                    with self._accept_scope:
+                        async with trio.open_nursery() as accepting:
+                            for listener in self.listeners:
+                                accepting.start_soon(self._accept_loop, listener, handlers)
+                            if self.udp is not None:  # stops with accepting, at once
+                                accepting.start_soon(self.udp.serve)
+                            task_status.started(self)
+                    # Listeners close at once; connections drain in `handlers`.
+                    self._close_listeners()
+                system.cancel_scope.cancel()
         finally:
             self._close_listeners()
 
     def _close_listeners(self) -> None:
         for listener in self.listeners:
             listener.socket.close()
+        if self.udp is not None:
+            self.udp.close()
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         sock, limiter = listener.socket, self._limiter
@@ -329,8 +356,15 @@ class Server:
 
     async def _handle(self, sock: trio.socket.SocketType, addr: object, token: object) -> None:
         try:
+            try:
+                stream = EchoSocketStream.from_trio_socket(sock, self._netpoller)
+            except trio.ClosedResourceError:
+                # The netpoller has stopped, so the server is going down (its
+                # failure is serve()'s error): this connection goes with it.
+                await trio.lowlevel.checkpoint()
+                return
             connection = Connection(
-                EchoSocketStream.from_trio_socket(sock),
+                stream,
                 self.config,
                 conn_id=next(self._ids),
                 peer=format_address(addr),  # type: ignore[arg-type]
@@ -376,6 +410,7 @@ async def serve(  # noqa: ASYNC128 -- Server._run calls started()
     *,
     listeners: Sequence[trio.SocketListener] | None = None,
     stages: Sequence[Stage] | None = None,
+    udp_sockets: Sequence[socket.socket] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve echo on every configured address until shut down or cancelled.
@@ -397,6 +432,9 @@ async def serve(  # noqa: ASYNC128 -- Server._run calls started()
       stages: the `echosvc.pipeline.Stage` objects every connection passes
           through before its echo, in order; by default the ones ``config``
           asks for (`echosvc.pipeline.stages_for`).
+      udp_sockets: bound UDP sockets to serve UDP echo on, besides those
+          ``config.udp`` binds (one per listener address, only when
+          ``listeners`` is not given). ``serve`` takes ownership of them too.
       task_status: for ``nursery.start``; receives the `Server`.
 
     Returns:
@@ -412,5 +450,6 @@ async def serve(  # noqa: ASYNC128 -- Server._run calls started()
 
     """
     if listeners is None:
-        listeners = await open_listeners(config)
-    await Server(config, listeners, stages)._run(task_status)
+        listeners, bound_udp = await open_listeners_and_udp(config)
+        udp_sockets = [*(udp_sockets or ()), *bound_udp]
+    await Server(config, listeners, stages, udp_sockets or ())._run(task_status)

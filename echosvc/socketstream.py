@@ -23,6 +23,14 @@ iteration, and ``send_all`` still waits (and is cancellable) when the
 socket is full. Like `trio.SocketStream` it sets ``TCP_NODELAY`` and
 ``TCP_NOTSENT_LOWAT`` (16 KiB: a peer that stops reading costs at most that
 much unsent data in the kernel before the write deadline is what waits).
+
+Given a `echosvc.netpoll.Netpoller`, the stream registers its socket there
+once, edge-triggered, and waits through it instead of Trio's per-wait
+``EPOLLONESHOT`` registration (see that module). Readiness is then a flag the
+kernel's answers keep honest: a short or ``EAGAIN`` ``recv`` uses it up, as
+does a ``send`` that did not take everything. A receive on a socket already
+known readable is still a checkpoint (it yields to the scheduler first), so a
+client that never stops sending cannot starve the other connections.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import termios
 from contextlib import suppress
 
 import trio
+
+from .netpoll import Netpoller, Registration
 
 __all__ = ["EchoSocketStream"]
 
@@ -58,12 +68,13 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
     Args:
       sock: a connected stream socket; the stream takes ownership and makes
           it non-blocking.
+      poller: wait through this `Netpoller` rather than Trio's own I/O.
 
     """
 
-    __slots__ = ("_did_send_eof", "_sock")
+    __slots__ = ("_did_send_eof", "_poll", "_sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, poller: Netpoller | None = None) -> None:
         sock.setblocking(False)
         with suppress(OSError):  # not on AF_UNIX
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -72,13 +83,16 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self._sock = sock
         self._did_send_eof = False
+        self._poll: Registration | None = None if poller is None else poller.register(sock)
 
     @classmethod
-    def from_trio_socket(cls, sock: trio.socket.SocketType) -> EchoSocketStream:
+    def from_trio_socket(
+        cls, sock: trio.socket.SocketType, poller: Netpoller | None = None
+    ) -> EchoSocketStream:
         """Take over a socket that `trio.socket` accepted."""
         plain = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
         try:
-            return cls(plain)
+            return cls(plain, poller)
         except BaseException:
             plain.close()
             raise
@@ -91,11 +105,14 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
         if self._did_send_eof:
             raise trio.ClosedResourceError("can't send data after sending EOF")
         try:
-            return self._sock.send(data)
+            sent = self._sock.send(data)
         except BlockingIOError:
-            return 0
+            sent = 0
         except OSError as exc:
             raise _translate(exc) from None
+        if sent < len(data) and self._poll is not None:
+            self._poll.writable = False  # the buffer is full: wait for the next edge
+        return sent
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -108,10 +125,18 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
                 sent += self.send_nowait(view[sent:])
 
     async def wait_send_all_might_not_block(self) -> None:
-        try:
+        poll = self._poll
+        if poll is None:
+            try:
+                await trio.lowlevel.wait_writable(self._sock)
+            except OSError as exc:  # pragma: no cover -- epoll refused the fd
+                raise _translate(exc) from None
+        elif poll.writable:
+            await trio.lowlevel.checkpoint()
+        elif poll.direct:
             await trio.lowlevel.wait_writable(self._sock)
-        except OSError as exc:  # pragma: no cover -- epoll refused the fd
-            raise _translate(exc) from None
+        else:
+            await poll.wait_writable()
 
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -127,14 +152,33 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
         size = 65536 if max_bytes is None else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
+        poll = self._poll
+        if poll is None:
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(self._sock)
+                    return self._sock.recv(size)
+                except BlockingIOError:
+                    continue  # readable, then not: another reader raced us
+                except OSError as exc:
+                    raise _translate(exc) from None
         while True:
-            try:
+            if poll.readable:
+                await trio.lowlevel.checkpoint()  # a schedule point, for fairness
+            elif poll.direct:  # few connections are busy: Trio's own wait is cheaper
                 await trio.lowlevel.wait_readable(self._sock)
-                return self._sock.recv(size)
+            else:
+                await poll.wait_readable()
+            try:
+                data = self._sock.recv(size)
             except BlockingIOError:
-                continue  # readable, then not: another reader raced us
+                poll.readable = False
+                continue
             except OSError as exc:
                 raise _translate(exc) from None
+            if len(data) < size and not poll.hung_up:
+                poll.readable = False  # drained: the next arrival is a new edge
+            return data
 
     def receive_nowait(self, max_bytes: int = 65536) -> bytes | None:
         """What the kernel has already received, without waiting; None if nothing.
@@ -144,6 +188,8 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
         try:
             return self._sock.recv(max_bytes)
         except BlockingIOError:
+            if self._poll is not None:
+                self._poll.readable = False
             return None
         except OSError as exc:
             raise _translate(exc) from None
@@ -158,13 +204,13 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
         return count[0]
 
     async def aclose(self) -> None:
-        if self._sock.fileno() != -1:
-            trio.lowlevel.notify_closing(self._sock)
-            self._sock.close()
+        self.close()
         await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
         """Close at once, without a checkpoint (for ``finally`` blocks)."""
         if self._sock.fileno() != -1:
+            if self._poll is not None:
+                self._poll.close()  # before the descriptor number can be reused
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()

@@ -145,7 +145,9 @@ def sockets_from_fds(fds: Iterable[int]) -> list[socket.socket]:
     Raises:
       ValueError: a descriptor is not a socket, or not one echosvc can
           serve: a stream socket that is not listening (``Accept=yes`` in the
-          socket unit hands over one connected socket per connection).
+          socket unit hands over one connected socket per connection), or
+          neither a stream nor a datagram socket. (Datagram sockets, for the
+          UDP echo, are checked by `echosvc.listeners.take_datagram_sockets`.)
 
     """
     sockets = []
@@ -169,10 +171,12 @@ def _check_servable(sock: socket.socket) -> None:
                 " (Accept=yes in the socket unit? echosvc needs Accept=no)"
             )
         return
-    kind = {socket.SOCK_DGRAM: "a datagram", socket.SOCK_SEQPACKET: "a seqpacket"}.get(
-        sock.type, f"a type {int(sock.type)}"
+    if sock.type == socket.SOCK_DGRAM:
+        return
+    kind = "a seqpacket" if sock.type == socket.SOCK_SEQPACKET else f"a type {int(sock.type)}"
+    raise ValueError(
+        f"inherited fd {fd} is {kind} socket; echosvc serves stream and datagram sockets"
     )
-    raise ValueError(f"inherited fd {fd} is {kind} socket; echosvc serves stream sockets")
 
 
 async def report_status(notifier: Notifier, status: Callable[[], list[str]]) -> None:

@@ -31,6 +31,7 @@ import trio
 import trio.testing
 
 from echosvc import CloseReason, Config, Connection, ConnectionStats, handle_stream
+from echosvc.netpoll import Netpoller
 from echosvc.socketstream import EchoSocketStream
 
 from .support import MemoryPeer, captured_logs
@@ -112,9 +113,14 @@ class SocketClient:
         raise AssertionError("the server never closed")
 
 
+# Both ways the server's own stream can wait: through Trio's I/O manager, and
+# through the edge-triggered netpoller (echosvc.netpoll).
+WAITS = pytest.mark.parametrize("netpoll", [False, True], ids=["trio-waits", "netpoll"])
+
+
 @asynccontextmanager
 async def socket_connection(
-    config: Config, *, sndbuf: int | None = None
+    config: Config, *, netpoll: bool, sndbuf: int | None = None
 ) -> AsyncIterator[tuple[Handler, SocketClient]]:
     """A `Connection` on an `EchoSocketStream`, with a reader on the other end."""
     server_sock, client_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -122,12 +128,19 @@ async def socket_connection(
         server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     client = SocketClient(client_sock)
     with client_sock:
-        async with trio.open_nursery() as nursery:
-            handler = start(nursery, EchoSocketStream(server_sock), config)
-            nursery.start_soon(client.read_until_eof)
-            await trio.testing.wait_all_tasks_blocked()
-            yield handler, client
-            # The server lingers until we hang up after its EOF; we never do.
+        async with trio.open_nursery() as system:
+            poller = Netpoller(adapt=False) if netpoll else None  # always polling
+            if poller is not None:
+                system.start_soon(poller.run)
+            async with trio.open_nursery() as nursery:
+                handler = start(nursery, EchoSocketStream(server_sock, poller), config)
+                nursery.start_soon(client.read_until_eof)
+                await trio.testing.wait_all_tasks_blocked()
+                yield handler, client
+                # The server lingers until we hang up after its EOF; we never do.
+            if poller is not None:
+                assert poller.registered == 0, "the registration outlived its socket"
+            system.cancel_scope.cancel()
 
 
 # --- a stop in any pass after data arrives ----------------------------------------
@@ -189,11 +202,12 @@ async def test_memory_a_stop_during_a_slow_echo_lets_it_finish(
 
 
 @pytest.mark.parametrize("data", DATA)
+@WAITS
 async def test_socket_a_stop_in_any_pass_after_data_arrives_echoes_all_of_it(
-    autojump_clock: trio.testing.MockClock, data: bytes
+    netpoll: bool, autojump_clock: trio.testing.MockClock, data: bytes
 ) -> None:
     async def case(k: int) -> bool:
-        async with socket_connection(Config()) as (handler, client):
+        async with socket_connection(Config(), netpoll=netpoll) as (handler, client):
             client.send(data)
             parked = await let_passes(k)
             handler.connection.stop()
@@ -208,7 +222,9 @@ async def test_socket_a_stop_in_any_pass_after_data_arrives_echoes_all_of_it(
     await sweep(case)
 
 
+@WAITS
 async def test_socket_a_stop_during_a_slow_echo_lets_it_finish(
+    netpoll: bool,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """The same on the fast path: the kernel takes part of a 48 KiB echo at once,
@@ -216,7 +232,7 @@ async def test_socket_a_stop_during_a_slow_echo_lets_it_finish(
     line = b"y" * (48 * 1024 - 1) + b"\n"
 
     async def case(k: int) -> bool:
-        async with socket_connection(Config(), sndbuf=4096) as (handler, client):
+        async with socket_connection(Config(), netpoll=netpoll, sndbuf=4096) as (handler, client):
             client.send(line)
             parked = await let_passes(k)
             handler.connection.stop()
@@ -327,7 +343,9 @@ async def test_memory_an_earlier_echos_write_deadline_never_closes_the_connectio
     await sweep(case)
 
 
+@WAITS
 async def test_socket_a_line_meeting_the_lagging_scope_deadline_is_echoed(
+    netpoll: bool,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """The second reproduction: on the fast path the wait scope's own deadline
@@ -335,7 +353,9 @@ async def test_socket_a_line_meeting_the_lagging_scope_deadline_is_echoed(
     deadline fires is echoed, and the connection goes on to the real deadline."""
 
     async def case(k: int) -> bool:
-        async with socket_connection(Config(read_timeout=300, write_timeout=30)) as (
+        async with socket_connection(
+            Config(read_timeout=300, write_timeout=30), netpoll=netpoll
+        ) as (
             handler,
             client,
         ):
@@ -360,11 +380,13 @@ async def test_socket_a_line_meeting_the_lagging_scope_deadline_is_echoed(
     await sweep(case)
 
 
+@WAITS
 async def test_socket_a_line_that_arrived_before_its_deadline_is_echoed(
+    netpoll: bool,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async def case(k: int) -> bool:
-        async with socket_connection(Config(read_timeout=10)) as (handler, client):
+        async with socket_connection(Config(read_timeout=10), netpoll=netpoll) as (handler, client):
             t0 = trio.current_time()
             parked = await arrive_just_in_time(
                 autojump_clock, t0 + 10, lambda: client.send(b"just in time\n"), k

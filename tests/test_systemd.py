@@ -168,10 +168,11 @@ def test_an_unservable_inherited_socket_exits_1_with_one_line(kind: str) -> None
     assert lines[0].startswith("echosvc: inherited fd 3 is a ")
 
 
-def test_an_inherited_datagram_or_connected_socket_is_refused_by_name() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        fd = os.dup(udp.fileno())
-        with pytest.raises(ValueError, match=f"inherited fd {fd} is a datagram socket"):
+def test_an_inherited_seqpacket_socket_is_refused_by_name() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        fd = os.dup(ours.fileno())
+        with pytest.raises(ValueError, match=f"inherited fd {fd} is a seqpacket socket"):
             systemd.sockets_from_fds([fd])
 
 
