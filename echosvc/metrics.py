@@ -67,6 +67,7 @@ from prometheus_client.registry import Collector
 from ._version import __version__
 from .config import CloseReason
 from .server import ServerStatistics
+from .udp import DropCause, UdpEcho, UdpStatistics
 
 __all__ = [
     "LAG_INTERVAL_S",
@@ -177,15 +178,25 @@ class ServerCollector(Collector):
     def describe(self) -> Iterable[Metric]:
         # The names, without asking the server, for the registry's
         # duplicate check.
-        return server_families(ServerStatistics(active=0, served=0, limit=0, accepting=True))
+        empty = ServerStatistics(active=0, served=0, limit=0, accepting=True)
+        udp = UdpStatistics(echoed=0, dropped={}, sources=0) if self._udp() else None
+        return server_families(empty, udp)
 
     def collect(self) -> Iterable[Metric]:
-        stats = self._trio.call(self._server.statistics)
-        return [] if stats is None else server_families(stats)
+        snapshot = self._trio.call(self._snapshot)
+        return [] if snapshot is None else server_families(*snapshot)
+
+    def _udp(self) -> UdpEcho | None:
+        udp: UdpEcho | None = getattr(self._server, "udp", None)
+        return udp
+
+    def _snapshot(self) -> tuple[ServerStatistics, UdpStatistics | None]:
+        udp = self._udp()
+        return self._server.statistics(), None if udp is None else udp.statistics()
 
 
-def server_families(stats: ServerStatistics) -> list[Metric]:
-    """The ``echosvc_*`` families of one statistics snapshot."""
+def server_families(stats: ServerStatistics, udp: UdpStatistics | None = None) -> list[Metric]:
+    """The ``echosvc_*`` families of one statistics snapshot (and its UDP echo's)."""
     accepted = CounterMetricFamily(
         "echosvc_connections_accepted",
         "Connections accepted since the server started.",
@@ -243,7 +254,25 @@ def server_families(stats: ServerStatistics) -> list[Metric]:
     build = InfoMetricFamily(
         "echosvc_build", "The echosvc version serving.", value={"version": __version__}
     )
-    return [accepted, active, limit, closed, duration, lines, received, sent, failures, build]
+    families = [accepted, active, limit, closed, duration, lines, received, sent, failures, build]
+    if udp is not None:
+        datagrams = CounterMetricFamily(
+            "echosvc_udp_datagrams",
+            "UDP datagrams received, by what became of them: echoed, or the cause"
+            " they were dropped without a reply (as in udp_dropped).",
+            labels=["result"],
+        )
+        datagrams.add_metric(["echoed"], udp.echoed)
+        for cause in DropCause:
+            datagrams.add_metric([cause.value], udp.dropped.get(cause.value, 0))
+        sources = GaugeMetricFamily(
+            "echosvc_udp_sources",
+            "Sources the UDP rate limiter tracks now; its table is bounded (65,536 by"
+            " default), past that new sources share one bucket.",
+            value=udp.sources,
+        )
+        families += [datagrams, sources]
+    return families
 
 
 def _le(bound: float) -> str:

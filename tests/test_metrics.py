@@ -184,6 +184,29 @@ async def test_every_series_with_help_and_base_units_in_both_formats() -> None:
                 assert not re.search(r"\d+\.\d+\.\d+\.\d+|:\d+$", label), (sample, label)
 
 
+async def test_udp_datagrams_by_result_only_with_udp() -> None:
+    with trio.fail_after(TIME_LIMIT):
+        async with running_server() as plain:
+            registry = prometheus_client.CollectorRegistry()
+            registry.register(em.ServerCollector(plain))
+            text = prometheus_client.generate_latest(registry).decode()
+        assert "echosvc_udp" not in text
+        async with running_server(udp=True, udp_max_bytes=100) as server:
+            registry = prometheus_client.CollectorRegistry()
+            registry.register(em.ServerCollector(server))
+            with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+                await peer.bind(("127.0.0.1", 0))
+                await peer.sendto(b"ping", ("127.0.0.1", server.port))
+                assert await peer.recv(200) == b"ping"
+                await peer.sendto(b"x" * 101, ("127.0.0.1", server.port))  # over the limit
+                await until(lambda: sum(server.udp.statistics().dropped.values()) >= 1)  # type: ignore[union-attr]
+            found = families(prometheus_client.generate_latest(registry).decode())
+    datagrams = found["echosvc_udp_datagrams"]
+    results = {s.labels["result"]: s.value for s in datagrams.samples}
+    assert results == {"echoed": 1, "rate": 0, "port": 0, "size": 1, "source": 0, "send": 0}
+    assert found["echosvc_udp_sources"].samples[0].value == 1
+
+
 async def test_a_collector_in_the_callers_registry_and_nothing_global() -> None:
     """Two servers, two registries: each counts its own, and prometheus_client's
     process-global REGISTRY never hears of either."""
