@@ -45,6 +45,7 @@ import errno
 import gzip
 import http
 import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
@@ -401,6 +402,26 @@ def loop_families(loop: _LoopSnapshot) -> list[Metric]:
     return families
 
 
+class SandboxedProcessCollector(ProcessCollector):
+    """prometheus_client's ``process_*`` collector, working under ``ProcSubset=pid``.
+
+    It reads the boot time from ``/proc/stat`` (for
+    ``process_start_time_seconds``) and reports nothing at all without it;
+    echosvc.service hides that file (``ProcSubset=pid``) while ``/proc/self``
+    stays readable. The boot time is then the wall clock minus
+    ``CLOCK_BOOTTIME``, which is what the kernel derives ``btime`` from.
+    """
+
+    def _boot_time(self) -> float:
+        try:
+            btime = super()._boot_time()  # type: ignore[no-untyped-call]
+        except OSError:
+            btime = None
+        if btime:
+            return float(btime)
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def daemon_registry(server: HasStatistics, monitor: LoopMonitor) -> CollectorRegistry:
     """The daemon's registry: the server, the run loop and the process.
 
@@ -413,7 +434,7 @@ def daemon_registry(server: HasStatistics, monitor: LoopMonitor) -> CollectorReg
     registry.register(ServerCollector(server))
     registry.register(LoopCollector(monitor))
     # New instances: prometheus_client's module-level ones live in REGISTRY.
-    ProcessCollector(registry=registry)
+    SandboxedProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry

@@ -27,6 +27,7 @@ What is checked, and how honestly:
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.metadata as metadata
 import json
 import os
@@ -48,7 +49,7 @@ import echosvc
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SERVICES = ["echosvc.service", "echosvc-standalone.service", "echosvc@.service"]
-UNITS = ["echosvc.socket", *SERVICES]
+UNITS = ["echosvc.socket", "echosvc-metrics.socket", *SERVICES]
 INSTALLED_BINARY = "/opt/echosvc/bin/echosvc"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "echosvc"
 ECHOSVC = [sys.executable, "-m", "echosvc"]
@@ -199,6 +200,16 @@ def test_socket_activated_service_needs_its_socket() -> None:
     assert unit_settings("echosvc.socket")["ListenStream"] == ["127.0.0.1:9000"]
 
 
+def test_the_metrics_socket_is_named_for_echosvc_and_on_loopback() -> None:
+    metrics = unit_settings("echosvc-metrics.socket")
+    assert metrics["FileDescriptorName"] == ["metrics"]
+    assert metrics["Service"] == ["echosvc.service"]
+    assert metrics["ListenStream"] == ["127.0.0.1:9180"]
+    # Optional: the service neither requires nor wants it.
+    service = unit_settings("echosvc.service")
+    assert "echosvc-metrics.socket" not in " ".join(service.get("Requires", []))
+
+
 # --- the environment file ----------------------------------------------------------
 
 
@@ -335,6 +346,19 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def scrape(port: int, timeout: float = 5.0) -> str:
+    """``GET /metrics`` from 127.0.0.1:port: the body, after a 200."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        body = response.read().decode()
+        assert response.status == 200, body
+        return body
+    finally:
+        connection.close()
 
 
 def echo_once(port: int, line: bytes, timeout: float = 5.0) -> bytes:
@@ -715,6 +739,9 @@ def write_unit_dir(units: Path, ports: dict[str, int], log_dir: Path) -> None:
         (units / f"{target}.target").write_text(f"[Unit]\nDescription=stand-in {target}\n")
     drop_ins = {
         "echosvc.socket": f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{ports['socket']}\n",
+        "echosvc-metrics.socket": (
+            f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{ports['metrics']}\n"
+        ),
         "echosvc-standalone.service": (
             f"[Service]\nEnvironment=ECHOSVC_PORT={ports['standalone']}\n"
         ),
@@ -738,6 +765,7 @@ def test_units_run_hardened_under_systemd(tmp_path: Path) -> None:
     cgroup = cgroup2_dir()
     assert cgroup is not None
     ports = {"socket": free_port(), "standalone": free_port(), "instance": free_port()}
+    ports["metrics"] = free_port()
     logs = tmp_path / "logs"
     logs.mkdir(mode=0o755)
     write_unit_dir(tmp_path / "units", ports, logs)
@@ -754,7 +782,7 @@ def test_units_run_hardened_under_systemd(tmp_path: Path) -> None:
             return "\n".join(parts) + f"\n--- systemd\n{sandbox.console.read_text()[-4000:]}"
 
         # Socket activation: the first connection starts the service.
-        sandbox.run("systemctl", "start", "echosvc.socket")
+        sandbox.run("systemctl", "start", "echosvc.socket", "echosvc-metrics.socket")
         line = b"activated by systemd \x00\xff\r\n"
         expect_echo(ports["socket"], line, diagnose, timeout=START_TIMEOUT)
         record = wait_for_log(logs / "echosvc.service.log", "listening")
@@ -774,6 +802,14 @@ def test_units_run_hardened_under_systemd(tmp_path: Path) -> None:
         assert fields["Seccomp"] == "2", status
         own_net = sandbox.run("readlink", f"/proc/{pid}/ns/net").stdout
         assert own_net != sandbox.run("readlink", "/proc/1/ns/net").stdout
+
+        # With no network of its own it is scraped on the socket named
+        # metrics, which systemd passed beside the echo socket.
+        record = wait_for_log(logs / "echosvc.service.log", "metrics_listening")
+        assert record["address"] == f"127.0.0.1:{ports['metrics']}"
+        text = scrape(ports["metrics"])
+        assert re.search(r"^echosvc_connections_accepted_total [1-9]", text, re.M), text
+        assert "process_resident_memory_bytes" in text
 
         # WatchdogSec=1s: still the same process after several intervals.
         time.sleep(2.5)

@@ -207,6 +207,23 @@ async def test_udp_datagrams_by_result_only_with_udp() -> None:
     assert found["echosvc_udp_sources"].samples[0].value == 1
 
 
+def test_process_series_without_proc_stat(tmp_path: Path) -> None:
+    """Under ProcSubset=pid (echosvc.service) /proc/stat is hidden and
+    prometheus_client's ProcessCollector reports nothing; ours still does."""
+    (tmp_path / "self").symlink_to(Path("/proc/self"))
+    assert (
+        list(prometheus_client.ProcessCollector(proc=str(tmp_path), registry=None).collect()) == []
+    )
+    hidden = em.SandboxedProcessCollector(proc=str(tmp_path), registry=None)
+    found = {family.name: family.samples[0].value for family in hidden.collect()}
+    full = {
+        family.name: family.samples[0].value
+        for family in em.SandboxedProcessCollector(registry=None).collect()
+    }
+    assert set(found) == set(full) >= {"process_start_time_seconds", "process_open_fds"}
+    assert abs(found["process_start_time_seconds"] - full["process_start_time_seconds"]) < 2
+
+
 async def test_a_collector_in_the_callers_registry_and_nothing_global() -> None:
     """Two servers, two registries: each counts its own, and prometheus_client's
     process-global REGISTRY never hears of either."""
