@@ -297,6 +297,60 @@ def test_env_file_values_are_accepted(tmp_path: Path) -> None:
         assert stop(process) == 0, log.read_text()
 
 
+# --- Prometheus -----------------------------------------------------------------------
+
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool is not installed (Debian package prometheus)"
+)
+
+
+@needs_promtool
+def test_the_prometheus_config_and_alert_rules_are_valid_as_shipped() -> None:
+    result = run_tool("promtool", "check", "config", DEPLOY / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout, result.stdout
+
+
+@needs_promtool
+def test_the_alerts_fire_on_the_series_echosvc_exposes(tmp_path: Path) -> None:
+    """``promtool test rules``: made-up series under echosvc's names, and the
+    alerts that must (and must not) fire on them."""
+    shutil.copy(DEPLOY / "echosvc-alerts.yml", tmp_path)
+    (tmp_path / "test.yml").write_text(
+        "rule_files: [echosvc-alerts.yml]\n"
+        "evaluation_interval: 1m\n"
+        "tests:\n"
+        "  - interval: 1m\n"
+        "    input_series:\n"
+        '      - series: \'echosvc_connections_active{job="echosvc",instance="a"}\'\n'
+        "        values: '9500x10'\n"
+        '      - series: \'echosvc_connections_limit{job="echosvc",instance="a"}\'\n'
+        "        values: '10000x10'\n"
+        '      - series: \'echosvc_accept_failures_total{job="echosvc",instance="a"}\'\n'
+        "        values: '0 0 0 0 0 3 3 3 3 3 3'\n"
+        '      - series: \'echosvc_event_loop_lag_seconds{job="echosvc",instance="a"}\'\n'
+        "        values: '0.001x10'\n"
+        "    alert_rule_test:\n"
+        "      - eval_time: 6m\n"
+        "        alertname: EchosvcNearCapacity\n"
+        "        exp_alerts:\n"
+        "          - exp_labels: {severity: warning, job: echosvc, instance: a}\n"
+        "            exp_annotations:\n"
+        "              summary: echosvc at a serves 95% of its connection limit\n"
+        "      - eval_time: 6m\n"
+        "        alertname: EchosvcAcceptFailures\n"
+        "        exp_alerts:\n"
+        "          - exp_labels: {severity: warning, job: echosvc, instance: a}\n"
+        "            exp_annotations:\n"
+        "              summary: echosvc at a ran out of descriptors or memory in accept()\n"
+        "      - eval_time: 6m\n"
+        "        alertname: EchosvcEventLoopLag\n"
+        "        exp_alerts: []\n"
+    )
+    result = run_tool("promtool", "test", "rules", "test.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- HAProxy -------------------------------------------------------------------------
 
 
