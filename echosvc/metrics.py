@@ -41,9 +41,11 @@ which a supervisor gathers its workers' figures before answering.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import http
+import json
 import math
 import time
 from collections import deque
@@ -74,11 +76,16 @@ __all__ = [
     "LAG_INTERVAL_S",
     "MAX_HEAD_BYTES",
     "SCRAPE_TIMEOUT_S",
+    "WORKER_ANSWER_S",
     "LoopCollector",
     "LoopMonitor",
+    "SandboxedProcessCollector",
     "ServerCollector",
     "Source",
+    "WorkersView",
     "daemon_registry",
+    "decode_families",
+    "encode_families",
     "handle_scrape",
     "serve_metrics",
 ]
@@ -252,10 +259,8 @@ def server_families(stats: ServerStatistics, udp: UdpStatistics | None = None) -
         "accept() calls that failed for want of file descriptors or memory (each retry).",
         value=stats.accept_failures,
     )
-    build = InfoMetricFamily(
-        "echosvc_build", "The echosvc version serving.", value={"version": __version__}
-    )
-    families = [accepted, active, limit, closed, duration, lines, received, sent, failures, build]
+    families = [accepted, active, limit, closed, duration, lines, received, sent, failures]
+    families.append(build_info())
     if udp is not None:
         datagrams = CounterMetricFamily(
             "echosvc_udp_datagrams",
@@ -274,6 +279,13 @@ def server_families(stats: ServerStatistics, udp: UdpStatistics | None = None) -
         )
         families += [datagrams, sources]
     return families
+
+
+def build_info() -> Metric:
+    """``echosvc_build_info{version}``, an info metric (a gauge of 1 in the text format)."""
+    return InfoMetricFamily(
+        "echosvc_build", "The echosvc version serving.", value={"version": __version__}
+    )
 
 
 def _le(bound: float) -> str:
@@ -422,22 +434,144 @@ class SandboxedProcessCollector(ProcessCollector):
         return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def daemon_registry(server: HasStatistics, monitor: LoopMonitor) -> CollectorRegistry:
+def daemon_registry(server: HasStatistics | None, monitor: LoopMonitor) -> CollectorRegistry:
     """The daemon's registry: the server, the run loop and the process.
 
     A registry of its own (never prometheus_client's global ``REGISTRY``),
     with prometheus_client's process (``process_*``: CPU, memory, open
     descriptors), platform (``python_info``) and garbage-collector
-    (``python_gc_*``) collectors beside echosvc's.
+    (``python_gc_*``) collectors beside echosvc's. Without a server (a
+    supervisor's own figures) the connection series are left out and
+    ``echosvc_build_info`` stands alone.
     """
     registry = CollectorRegistry()
-    registry.register(ServerCollector(server))
+    registry.register(ServerCollector(server) if server is not None else _Fixed([build_info()]))
     registry.register(LoopCollector(monitor))
     # New instances: prometheus_client's module-level ones live in REGISTRY.
     SandboxedProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
+
+
+# --- a supervisor's view of its workers ----------------------------------------------
+
+#: How long a supervisor's scrape waits for each worker (DESIGN.md).
+WORKER_ANSWER_S = 1.0
+
+
+def encode_families(collector: Collector) -> str:
+    """``collector``'s families as one line of JSON, for a worker's answer.
+
+    Names, types, help, units and samples survive the trip (`decode_families`);
+    timestamps and exemplars, which echosvc does not use, do not.
+    """
+    return json.dumps(
+        [
+            {
+                "name": family.name,
+                "help": family.documentation,
+                "type": family.type,
+                "unit": family.unit,
+                "samples": [[s.name, s.labels, s.value] for s in family.samples],
+            }
+            for family in collector.collect()
+        ],
+        separators=(",", ":"),
+    )
+
+
+def decode_families(text: str) -> list[Metric]:
+    """The families `encode_families` wrote.
+
+    Raises:
+      ValueError: ``text`` is not what it writes.
+
+    """
+    entries = json.loads(text)  # a JSONDecodeError is a ValueError
+    if not isinstance(entries, list):
+        # ValueError, not TypeError: to the caller, garbled is garbled.
+        raise ValueError(f"not a metrics snapshot: a {type(entries).__name__}")  # noqa: TRY004
+    try:
+        families = []
+        for entry in entries:
+            family = Metric(entry["name"], entry["help"], entry["type"], entry["unit"])
+            for name, labels, value in entry["samples"]:
+                family.add_sample(str(name), {str(k): str(v) for k, v in labels.items()}, value)
+            families.append(family)
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"not a metrics snapshot: {exc!r}") from None
+    return families
+
+
+def worker_families(answers: Sequence[Sequence[Metric] | None]) -> list[Metric]:
+    """One view of every worker: ``answers[i]`` is worker ``i``'s families, or
+    None if it did not answer.
+
+    Each answering worker's samples get ``worker="i"`` and the families of
+    the same name are merged (each worker's samples stay together, as
+    OpenMetrics wants a label set's samples); ``echosvc_worker_up{worker}``
+    is 1 for a worker that answered and 0 for one that did not, whose
+    series are then missing.
+    """
+    up = GaugeMetricFamily(
+        "echosvc_worker_up",
+        f"1 if the worker answered this scrape within {WORKER_ANSWER_S:g} s; 0 if not,"
+        " and its series are missing from this scrape.",
+        labels=["worker"],
+    )
+    merged: dict[str, Metric] = {}
+    for index, families in enumerate(answers):
+        up.add_metric([str(index)], 0 if families is None else 1)
+        for family in families or ():
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+            for sample in family.samples:
+                into.add_sample(sample.name, {**sample.labels, "worker": str(index)}, sample.value)
+    return [up, *merged.values()]
+
+
+class WorkersView:
+    """A supervisor's `Source`: each scrape asks every worker, at once.
+
+    Args:
+      count: how many workers there are (indexes ``0`` to ``count - 1``).
+      ask: ``await ask(i)`` is worker ``i``'s `encode_families` answer; it
+          may raise `OSError`/`ValueError` (no such worker now) or take too
+          long -- either way the worker is ``up`` 0 in that scrape.
+      own: the supervisor's own collector (its process and run loop), whose
+          series carry no ``worker`` label.
+
+    """
+
+    def __init__(self, count: int, ask: Callable[[int], Awaitable[str]], own: Collector) -> None:
+        self._count = count
+        self._ask = ask
+        self._own = own
+
+    async def __call__(self) -> Collector:
+        answers: list[list[Metric] | None] = [None] * self._count
+
+        async def one(index: int) -> None:
+            # Gone, garbled or late: up 0, and its series are missing.
+            with trio.move_on_after(WORKER_ANSWER_S), contextlib.suppress(OSError, ValueError):
+                answers[index] = decode_families(await self._ask(index))
+
+        async with trio.open_nursery() as nursery:
+            for index in range(self._count):
+                nursery.start_soon(one, index)
+        return _Fixed([*self._own.collect(), *worker_families(answers)])
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 # --- the endpoint ---------------------------------------------------------------

@@ -333,6 +333,76 @@ def test_the_lag_window_forgets_old_blocks() -> None:
     assert trio.run(main, clock=clock) == 0.0
 
 
+# --- a supervisor's view of its workers ------------------------------------------
+
+
+async def test_a_snapshot_survives_the_trip_from_a_worker() -> None:
+    with trio.fail_after(TIME_LIMIT):
+        async with running_server() as server, trio.open_nursery() as nursery:
+            monitor = em.LoopMonitor()
+            nursery.start_soon(monitor.run)
+            await eof_connection(server.port)
+            await until(lambda: server.statistics().served >= 1)
+            registry = em.daemon_registry(server, monitor)
+            sent = list(registry.collect())
+            text = em.encode_families(_Fixed(sent))
+            nursery.cancel_scope.cancel()
+    assert "\n" not in text  # one line: it travels as one report
+    assert em.decode_families(text) == sent
+    for garbage in ("", "{}", "[1]", '[{"name": "x"}]', '[{"name":"1","help":"","type":"x"}]'):
+        with pytest.raises(ValueError):  # noqa: PT011 -- any ValueError is the contract
+            em.decode_families(garbage)
+
+
+class _Fixed:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+async def test_a_worker_that_does_not_answer_in_1_s_is_up_0_and_missing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Worker 0 answers, 1 never does, 2 is gone (OSError), 3 answers
+    garbage: the answer comes after exactly 1 s, with worker 0's series
+    labelled worker="0" and up 1, 0, 0, 0."""
+    answer = em.encode_families(counter_registry())
+
+    async def ask(index: int) -> str:
+        if index == 0:
+            await trio.sleep(0.2)
+            return answer
+        if index == 1:
+            await trio.sleep_forever()
+        if index == 2:
+            raise ConnectionRefusedError
+        return "not json"
+
+    own = prometheus_client.CollectorRegistry()
+    prometheus_client.Gauge("supervisor_own", "Its own.", registry=own).set(7)
+    view = em.WorkersView(4, ask, own)
+    start = trio.current_time()
+    collector = await view()
+    assert trio.current_time() - start == em.WORKER_ANSWER_S
+    text = choose_encoder(OPENMETRICS)[0](collector).decode()
+    found = families(text, openmetrics=True)  # strict: the merged output is valid
+    up = {s.labels["worker"]: s.value for s in found["echosvc_worker_up"].samples}
+    assert up == {"0": 1, "1": 0, "2": 0, "3": 0}
+    [sample] = [s for s in found["demo_events"].samples if s.name == "demo_events_total"]
+    assert (sample.labels, sample.value) == ({"worker": "0"}, 3)
+    assert found["supervisor_own"].samples[0].labels == {}  # no worker label
+
+
+def test_families_of_several_workers_merge_by_name_each_workers_samples_together() -> None:
+    one = list(counter_registry().collect())
+    merged = em.worker_families([one, None, one])
+    names = [family.name for family in merged]
+    assert names == ["echosvc_worker_up", "demo_events"]
+    assert [s.labels for s in merged[1].samples] == [{"worker": "0"}, {"worker": "2"}]
+
+
 # --- the scrape handler, on memory streams with a virtual clock ------------------
 
 
