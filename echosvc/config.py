@@ -222,6 +222,17 @@ class Config:
     # The Prometheus endpoint, "host:port"; None: off. Read by the daemon only.
     metrics: str | None = attrs.field(default=None, converter=_metrics_address)
 
+    def __attrs_post_init__(self) -> None:
+        # One scrape of the supervisor is to answer for every worker, over
+        # the supervisor-worker protocol (issue 9); until that carries the
+        # statistics, say so rather than serve a partial view.
+        if self.metrics is not None and self.workers > 1:
+            raise ConfigError(
+                "metrics",
+                f"is not served with --workers {self.workers} yet:"
+                " use --workers 1, or one instance per port (echosvc@.service)",
+            )
+
     def evolve(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated."""
         return attrs.evolve(self, **changes)

@@ -46,7 +46,14 @@ import trio
 
 from . import logs, systemd
 from .config import Config, environment_for
-from .daemon import LISTEN_FDS_ENV, WORKER_ENV, StopControl, take_inherited_sockets
+from .daemon import (
+    LISTEN_FDS_ENV,
+    METRICS_FD_NAME,
+    WORKER_ENV,
+    StopControl,
+    split_metrics_socket,
+    take_inherited_sockets_with_names,
+)
 from .listeners import BindError, format_address, reserve_addresses
 
 __all__ = ["run"]
@@ -74,10 +81,19 @@ def run(config: Config, *, address_given: bool = False) -> int:
     """Supervise ``config.workers`` worker processes; return the exit status."""
     logs.configure(config.log_format, config.log_level)
     try:
-        inherited = take_inherited_sockets()
+        inherited, metrics_socket = split_metrics_socket(take_inherited_sockets_with_names())
     except ValueError as exc:
         print(f"echosvc: {exc}", file=sys.stderr)
         return 1
+    if metrics_socket is not None:
+        # Never passed on as an echo socket. Serving it needs the workers'
+        # statistics, which the worker protocol does not carry yet.
+        metrics_socket.close()
+        structlog.get_logger("echosvc").warning(
+            "address_ignored",
+            reason=f"the socket named {METRICS_FD_NAME} is not served with"
+            f" {config.workers} workers yet",
+        )
     return trio.run(_Supervisor(config, inherited, address_given).run)
 
 
