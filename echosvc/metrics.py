@@ -6,16 +6,21 @@ the run loop. This module only *reads* them, at scrape time, through custom
 `prometheus_client` collectors -- no counter is incremented twice and
 nothing is registered in prometheus_client's process-global ``REGISTRY``:
 
-* `ServerCollector` turns one server's snapshot into the ``echosvc_*``
-  connection series and ``echosvc_build_info``; a library user registers it
-  in a registry of their own.
+* `ServerCollector` turns one server's snapshot (and its UDP echo's) into
+  the ``echosvc_*`` connection series and ``echosvc_build_info``; a library
+  user registers it in a registry of their own.
 * `LoopCollector` exposes the Trio run loop (tasks living, runnable, waiting
   for I/O) and the event-loop lag that a `LoopMonitor` measures: a task that
   wakes up every 0.1 s and records how late it ran. A blocked or saturated
   loop makes every wake-up late, so it shows there before anywhere else.
 * `daemon_registry` is the daemon's registry: both of the above plus
   prometheus_client's own process, platform and garbage-collector
-  collectors.
+  collectors (the process one made to work under systemd's ``ProcSubset=pid``).
+* `WorkersView` is a supervisor's: each scrape asks every worker for its
+  families at once (`encode_families`, one line of JSON), gives each
+  `WORKER_ANSWER_S`, labels what came back ``worker`` and adds
+  ``echosvc_worker_up``; a worker that did not answer is up 0, its series
+  missing, and the scrape is on time all the same.
 
 Both collectors read Trio state, which belongs to the Trio thread. Called
 from another thread (prometheus_client's threaded ``start_http_server`` in an
