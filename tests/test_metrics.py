@@ -310,9 +310,9 @@ async def test_a_blocked_loop_shows_in_the_lag_gauge() -> None:
             # (Generous: other test runs may share the machine's cores.)
             assert lag() < 0.5, "an idle loop is not late"
             time.sleep(1.0)  # noqa: ASYNC251 -- blocking the loop is the point
-            assert lag() >= 0.9  # at once: the pending wake-up is overdue
+            assert lag() >= 0.8  # at once: the pending wake-up is overdue
             await trio.sleep(3 * em.LAG_INTERVAL_S)
-            assert lag() >= 0.9  # later: the measured lateness, still in the window
+            assert lag() >= 0.8  # later: the measured lateness, still in the window
             nursery.cancel_scope.cancel()
 
 
