@@ -204,9 +204,14 @@ class Session:
     outcome: str = "unfinished"  # the client's view: eof, reset, rst_sent, refused...
     eof_sent: bool = False
     latency: float | None = None  # the canary's connect + round trip
-    # Well-behaved: the longest this client took between two sends (a client
-    # slower than the read timeout is cut off rightly; see _check_session).
+    # Well-behaved: the longest this client took between two sends, and the
+    # longest it took to send one line (from the last byte of the line before,
+    # which is about when its echo restarted the server's read deadline, to
+    # its own last byte, or to EOF for a final line without a newline). A
+    # client that took longer than the read timeout for a line -- a starved
+    # machine can make it -- is cut off rightly; see _check_session.
     longest_pause: float = 0.0
+    longest_line_s: float = 0.0
     record: dict[str, Any] | None = None
 
     def owed(self) -> int:
@@ -482,9 +487,9 @@ class _Run:
                 s.outcome = await self.read_to_close(stream, echo)
 
             nursery.start_soon(read)
-            last_send = trio.current_time()
+            last_send = line_began = trio.current_time()
             try:
-                for chunks, pause in plan:
+                for index, (chunks, pause) in enumerate(plan):
                     for chunk in chunks:
                         echo.expect(chunk)
                         await stream.send_all(chunk)
@@ -493,11 +498,17 @@ class _Run:
                         last_send = now
                         if rng.random() < 0.3:
                             await trio.sleep(rng.uniform(0, 0.03))
+                    if not (final and index == len(plan) - 1):  # that one ends at EOF
+                        s.longest_line_s = max(s.longest_line_s, last_send - line_began)
+                        line_began = last_send
                     await trio.sleep(pause)
                 # Shutdown mode: no half-close once SIGTERM is on its way, so
                 # every connection still open is one the shutdown must close.
                 if not self.stopping.is_set():
                     await stream.send_eof()
+                    if final:
+                        span = trio.current_time() - line_began
+                        s.longest_line_s = max(s.longest_line_s, span)
                     s.eof_sent = True
             except trio.BrokenResourceError:
                 if not self.stopping.is_set():
@@ -920,6 +931,27 @@ def _check_session(s: Session, config: SoakConfig, sigterm_at: float | None) -> 
 
     reason = record["reason"]
     expected = {EXPECTED_REASON[s.kind]}
+    slow_client = (
+        s.kind is Kind.WELL_BEHAVED
+        and reason == "read_timeout"
+        and s.longest_line_s >= config.read_timeout
+    )
+    if slow_client:
+        # It took longer than the read timeout to send a line: the deadline
+        # did its job. What must hold is that exactly the lines it finished
+        # in time came back, and no byte of the one that was cut.
+        sent = bytes(echo.sent[: record["bytes_in"]]) if echo is not None else b""
+        complete = sent.rfind(b"\n") + 1
+        if record["bytes_out"] != complete:
+            problems.append(
+                f"{where}: cut by its read deadline after {record['bytes_in']} bytes,"
+                f" echoed {record['bytes_out']}, expected its {complete} bytes of whole lines"
+            )
+        if echo is not None and echo.received != record["bytes_out"]:
+            problems.append(
+                f"{where}: received {echo.received} bytes, the server sent {record['bytes_out']}"
+            )
+        return problems
     if shutdown:
         if s.kind is Kind.WELL_BEHAVED:
             expected = {"eof", "shutdown"} if s.eof_sent else {"shutdown"}
@@ -928,7 +960,10 @@ def _check_session(s: Session, config: SoakConfig, sigterm_at: float | None) -> 
     if reason not in expected:
         why = ""
         if s.kind is Kind.WELL_BEHAVED and reason == "read_timeout":
-            why = f" (its longest pause between two sends: {s.longest_pause:.3f} s)"
+            why = (
+                f" (its longest pause between two sends: {s.longest_pause:.3f} s,"
+                f" its longest line: {s.longest_line_s:.3f} s)"
+            )
         problems.append(
             f"{where}: closed with {reason}, expected {' or '.join(sorted(expected))}{why}"
         )
