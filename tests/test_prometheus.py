@@ -113,12 +113,14 @@ async def prometheus(tmp_path: Path, targets: list[str]) -> AsyncIterator[Promet
                 await trio.sleep(0.1)
         yield server
     finally:
+        # Shielded, and bounded: a failed test must not leave a Prometheus behind.
         process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(10):
+        with trio.move_on_after(10, shield=True):
             await process.wait()
         if process.returncode is None:
             process.kill()
-            await process.wait()
+            with trio.move_on_after(5, shield=True):
+                await process.wait()
 
 
 async def timed_out_connection(port: int) -> None:
