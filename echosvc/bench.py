@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import trio
 
-from .client import LoadReport, LoadShape, generate_load, percentile_us
+from .client import LoadReport, LoadShape, ProxyClaim, generate_load, percentile_us
 
 __all__ = ["BenchResult", "run_bench", "run_child"]
 
@@ -81,17 +81,20 @@ async def run_bench(
     shape: LoadShape,
     processes: int,
     on_progress: Callable[[float, int], None] | None = None,
+    proxy: ProxyClaim | None = None,
 ) -> BenchResult:
     """Run ``shape`` from ``processes`` child processes; merge what they report.
 
     ``on_progress(seconds_since_start, requests_completed)`` is called as
-    reports arrive.
+    reports arrive. With ``proxy``, every connection starts with its header.
     """
     shares = [
         shape.connections // processes + (i < shape.connections % processes)
         for i in range(processes)
     ]
     children = _plan(host, port, shape, shares)
+    if proxy is not None:
+        children = [[*argv, *proxy.argv()] for argv in children]
     completed = [0] * len(children)
     reports: list[LoadReport | None] = [None] * len(children)
     ready = [trio.Event() for _ in children]
@@ -191,7 +194,9 @@ async def _all_ready_then_go(
     await process.stdin.send_all(b"go\n")
 
 
-def run_child(host: str, port: int, shape: LoadShape, offset: int) -> None:
+def run_child(
+    host: str, port: int, shape: LoadShape, offset: int, proxy: ProxyClaim | None = None
+) -> None:
     """The child's side: connect, report ready, wait for go, load, report."""
 
     def say(message: dict[str, Any]) -> None:
@@ -212,6 +217,7 @@ def run_child(host: str, port: int, shape: LoadShape, offset: int) -> None:
             offset=offset,
             wait_for_go=wait_for_go,
             on_progress=lambda n: say({"type": "progress", "completed": n}),
+            proxy=proxy,
         )
         say({"type": "result", "report": attrs.asdict(report)})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from typing import Annotated, Any
 
 import rich.console
@@ -21,8 +22,16 @@ import typer
 from . import daemon, supervisor
 from ._version import __version__
 from .bench import BenchResult, run_bench, run_child
-from .client import LoadShape, ProbeError, probe, probe_udp
-from .config import Config, ConfigError, LogFormat, LogLevel, Mode
+from .client import (
+    HeaderVersion,
+    LoadShape,
+    ProbeError,
+    ProxyClaim,
+    parse_endpoint,
+    probe,
+    probe_udp,
+)
+from .config import Config, ConfigError, LogFormat, LogLevel, Mode, ProxyProtocol
 
 __all__ = ["app", "main"]
 
@@ -61,6 +70,13 @@ def _split_hosts(values: list[str] | None) -> tuple[str, ...]:
     """``--host a --host b`` and ``ECHOSVC_HOST=a,b`` give the same hosts."""
     hosts = [part.strip() for value in values or [] for part in value.split(",")]
     return tuple(host for host in hosts if host)
+
+
+def _split_commas(values: list[str] | None) -> tuple[str, ...]:
+    """``--proxy-trusted a --proxy-trusted b`` and ``ECHOSVC_PROXY_TRUSTED=a,b`` alike."""
+    return tuple(
+        part.strip() for value in values or [] for part in value.split(",") if part.strip()
+    )
 
 
 @app.command()
@@ -105,6 +121,35 @@ def serve(
             envvar="ECHOSVC_SHUTDOWN_GRACE", help="Seconds to let connections finish on shutdown."
         ),
     ] = _DEFAULTS.shutdown_grace,
+    proxy_protocol: Annotated[
+        ProxyProtocol,
+        typer.Option(
+            envvar="ECHOSVC_PROXY_PROTOCOL",
+            help="Every connection starts with a PROXY header of this version (any: either).",
+        ),
+    ] = _DEFAULTS.proxy_protocol,
+    proxy_trusted: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="ECHOSVC_PROXY_TRUSTED",
+            metavar="CIDR",
+            help="Peers that may send a PROXY header; repeat for several (env: comma separated).",
+            show_default=",".join(str(network) for network in _DEFAULTS.proxy_trusted),
+        ),
+    ] = None,
+    proxy_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="ECHOSVC_PROXY_TIMEOUT", help="Seconds for the whole PROXY header; 0: off."
+        ),
+    ] = _DEFAULTS.proxy_timeout,
+    max_per_source: Annotated[
+        int,
+        typer.Option(
+            envvar="ECHOSVC_MAX_PER_SOURCE",
+            help="Connections at once per client (IPv4 address, IPv6 /64); 0: no limit.",
+        ),
+    ] = _DEFAULTS.max_per_source,
     backlog: Annotated[
         int | None,
         typer.Option(
@@ -119,6 +164,13 @@ def serve(
             help="Processes sharing the port; auto: one per CPU available.",
         ),
     ] = str(_DEFAULTS.workers),
+    worker_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="ECHOSVC_WORKER_TIMEOUT",
+            help="Seconds a worker may go without a heartbeat before it is killed; 0: off.",
+        ),
+    ] = _DEFAULTS.worker_timeout,
     log_format: Annotated[
         LogFormat,
         typer.Option(envvar="ECHOSVC_LOG_FORMAT", help="auto: console on a TTY, else JSON."),
@@ -167,8 +219,13 @@ def serve(
             max_line_bytes=max_line_bytes,
             max_connections=max_connections,
             shutdown_grace=shutdown_grace,
+            proxy_protocol=proxy_protocol,
+            proxy_trusted=_split_commas(proxy_trusted) or _DEFAULTS.proxy_trusted,
+            proxy_timeout=proxy_timeout,
+            max_per_source=max_per_source,
             backlog=backlog,
             workers=_parse_workers(workers),
+            worker_timeout=worker_timeout,
             log_format=log_format,
             log_level=log_level,
             udp=udp,
@@ -211,6 +268,38 @@ def _param_hint(ctx: typer.Context, field: str) -> str:
     return field
 
 
+# check and bench speak to a --proxy-protocol listener as a load balancer
+# would. The variable is the server's own, so that a probe sharing the
+# service's environment (a container's HEALTHCHECK) sends what it expects;
+# "any" sends v2, which such a listener takes.
+_PROXY_PROTOCOL_OPTION = typer.Option(
+    "--proxy-protocol",
+    envvar="ECHOSVC_PROXY_PROTOCOL",
+    help="Send a PROXY header of this version first (any: v2; off: none).",
+)
+_PROXY_SOURCE_OPTION = typer.Option(
+    "--proxy-source",
+    metavar="IP:PORT",
+    help="The client the PROXY header names ([IPv6]:PORT for IPv6).",
+    show_default="this connection's own address",
+)
+
+
+def _proxy_claim(version: ProxyProtocol, source: str | None) -> ProxyClaim | None:
+    if version is ProxyProtocol.OFF:
+        if source is not None:
+            raise typer.BadParameter(
+                "needs --proxy-protocol v1 or v2", param_hint="'--proxy-source'"
+            )
+        return None
+    try:
+        address = None if source is None else parse_endpoint(source)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--proxy-source'") from None
+    header = HeaderVersion.V1 if version is ProxyProtocol.V1 else HeaderVersion.V2
+    return ProxyClaim(header, address)
+
+
 @app.command()
 def check(
     host: Annotated[
@@ -228,16 +317,21 @@ def check(
     udp: Annotated[
         bool, typer.Option("--udp", help="Probe the UDP echo: one datagram, back byte-exact.")
     ] = False,
+    proxy_protocol: Annotated[ProxyProtocol, _PROXY_PROTOCOL_OPTION] = ProxyProtocol.OFF,
+    proxy_source: Annotated[str | None, _PROXY_SOURCE_OPTION] = None,
 ) -> None:
     """Send one random line and expect it back: exit 0 and the round trip, else exit 1."""
     target = host.split(",")[0].strip()
     name = f"{target}:{port}"
+    # The UDP echo has no PROXY protocol: with --udp no header is sent (the
+    # variable may well be set in an environment shared with the service).
+    claim = None if udp else _proxy_claim(proxy_protocol, proxy_source)
     try:
         if udp:
             name = "udp://" + (f"[{target}]:{port}" if ":" in target else name)
             elapsed = trio.run(probe_udp, target, port, timeout)
         else:
-            elapsed = trio.run(probe, target, port, timeout)
+            elapsed = trio.run(partial(probe, proxy=claim), target, port, timeout)
     except ProbeError as exc:
         typer.echo(f"echosvc check: {name}: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -267,6 +361,8 @@ def bench(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the result as one JSON object.")
     ] = False,
+    proxy_protocol: Annotated[ProxyProtocol, _PROXY_PROTOCOL_OPTION] = ProxyProtocol.OFF,
+    proxy_source: Annotated[str | None, _PROXY_SOURCE_OPTION] = None,
     child: Annotated[bool, typer.Option(hidden=True)] = False,
     offset: Annotated[int, typer.Option(hidden=True)] = 0,
 ) -> None:
@@ -283,10 +379,11 @@ def bench(
         connections=connections, size=size, depth=depth, warmup=warmup, duration=duration
     )
     target = host.split(",")[0].strip()
+    claim = _proxy_claim(proxy_protocol, proxy_source)
     if child:
-        run_child(target, port, shape, offset)
+        run_child(target, port, shape, offset, claim)
         return
-    result = trio.run(_bench_with_progress, target, port, shape, min(processes, connections))
+    result = trio.run(_bench_with_progress, target, port, shape, min(processes, connections), claim)
     summary = result.as_dict()
     if as_json:
         typer.echo(json.dumps(summary))
@@ -297,11 +394,11 @@ def bench(
 
 
 async def _bench_with_progress(
-    host: str, port: int, shape: LoadShape, processes: int
+    host: str, port: int, shape: LoadShape, processes: int, proxy: ProxyClaim | None = None
 ) -> BenchResult:
     console = rich.console.Console(stderr=True)
     if not console.is_terminal:
-        return await run_bench(host, port, shape, processes)
+        return await run_bench(host, port, shape, processes, proxy=proxy)
     total = shape.warmup + shape.duration
     last = [0.0, 0]
     with rich.live.Live(console=console, auto_refresh=False, transient=True) as live:
@@ -315,7 +412,7 @@ async def _bench_with_progress(
                 refresh=True,
             )
 
-        return await run_bench(host, port, shape, processes, on_progress=show)
+        return await run_bench(host, port, shape, processes, on_progress=show, proxy=proxy)
 
 
 def _print_bench_table(host: str, port: int, summary: dict[str, Any]) -> None:

@@ -11,42 +11,154 @@ each keep ``depth`` requests of ``size`` bytes in flight, verify every echo
 byte-exact and in order, and record latencies in a mergeable histogram. It
 is the same model as the benchmark harness's native load generator
 (``bench/loadgen``), so the two can be compared.
+
+Both can start every connection with a PROXY header (`ProxyClaim`), as a
+load balancer would, so a listener with ``--proxy-protocol`` can be probed
+and loaded directly.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import ipaddress
 import math
 import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from enum import StrEnum
+from typing import Any
 
 import attrs
 import trio
+
+from . import proxyproto
+from .listeners import format_address
 
 __all__ = [
     "LoadReport",
     "LoadShape",
     "ProbeError",
+    "ProxyClaim",
     "generate_load",
+    "parse_endpoint",
     "percentile_us",
     "probe",
     "probe_udp",
 ]
 
 
+# --- PROXY headers for the client side ----------------------------------------
+
+
+class HeaderVersion(StrEnum):
+    """The PROXY protocol version a client sends."""
+
+    V1 = "v1"
+    V2 = "v2"
+
+
+@attrs.frozen
+class ProxyClaim:
+    """The PROXY header a client sends first, as a load balancer would.
+
+    Attributes:
+      version: `HeaderVersion.V1` (text) or `HeaderVersion.V2` (binary).
+      source: the client the header names, ``(ip, port)``; ``None``: the
+          connection's own local address, so by default the header tells the
+          truth and the server logs the prober it would have logged anyway.
+
+    """
+
+    version: HeaderVersion
+    source: proxyproto.Address | None = None
+
+    def header(self, local: tuple[Any, ...], remote: tuple[Any, ...]) -> bytes:
+        """The header for a connection from ``local`` to ``remote`` (socket addresses).
+
+        The destination named is ``remote``, in the source's family: an IPv4
+        server behind an IPv6 claim is named as ``::ffff:a.b.c.d``; an IPv6
+        server behind an IPv4 claim (which has no such form) as ``0.0.0.0``.
+        echosvc reads only the source; the destination is there for the spec.
+        """
+        source = self.source or (_plain_ip(local[0]), local[1])
+        host = _plain_ip(remote[0])
+        source_v4 = ipaddress.ip_address(source[0]).version == 4
+        if ipaddress.ip_address(host).version == 4 and not source_v4:
+            host = f"::ffff:{host}"
+        elif ipaddress.ip_address(host).version == 6 and source_v4:
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+            host = str(mapped) if mapped is not None else "0.0.0.0"
+        destination = (host, remote[1])
+        if self.version is HeaderVersion.V1:
+            return proxyproto.encode_v1(source, destination)
+        return proxyproto.encode_v2(source, destination)
+
+    def argv(self) -> list[str]:
+        """The ``check``/``bench`` options that ask for this claim."""
+        options = [f"--proxy-protocol={self.version.value}"]
+        if self.source is not None:
+            options.append(f"--proxy-source={format_address(self.source)}")
+        return options
+
+
+def _plain_ip(host: str) -> str:
+    """``host`` without an IPv6 zone (meaningless to the receiver), IPv4-mapped as IPv4."""
+    ip = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def parse_endpoint(text: str) -> proxyproto.Address:
+    """``"203.0.113.7:4000"`` or ``"[2001:db8::7]:4000"`` -> ``(ip, port)``.
+
+    Raises:
+      ValueError: not an IP literal and a port 0-65535 in that form.
+
+    """
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(f"{text!r}: brackets are for IPv6 addresses")
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [2001:db8::7]:4000")
+    if not colon or not port.isdigit() or port != str(int(port)) or int(port) > 65535:
+        raise ValueError(f"{text!r}: expected IP:PORT, the port 0-65535")
+    if "%" in host:
+        raise ValueError(f"{text!r}: a zone id means nothing to the receiver")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    return str(ip), int(port)
+
+
+def _proxy_header(claim: ProxyClaim | None, stream: trio.SocketStream) -> bytes:
+    if claim is None:
+        return b""
+    return claim.header(stream.socket.getsockname(), stream.socket.getpeername())
+
+
 class ProbeError(Exception):
     """The probe failed; the message says why, for a human."""
 
 
-async def probe(host: str, port: int, timeout: float) -> float:  # noqa: ASYNC109
+async def probe(
+    host: str,
+    port: int,
+    timeout: float,  # noqa: ASYNC109
+    *,
+    proxy: ProxyClaim | None = None,
+) -> float:
     """Round-trip one random line through the echo service at ``host:port``.
 
     ``timeout`` bounds the whole probe -- resolve, connect, send, receive --
     which is the contract of a health check, so it is a parameter rather
-    than the caller's cancel scope.
+    than the caller's cancel scope. With ``proxy``, its header goes first,
+    in the same send as the line.
 
     Returns:
       The seconds from sending the line to receiving all of its echo.
@@ -60,8 +172,9 @@ async def probe(host: str, port: int, timeout: float) -> float:  # noqa: ASYNC10
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(host, port)
             async with stream:
+                header = _proxy_header(proxy, stream)
                 started = trio.current_time()
-                await stream.send_all(line)
+                await stream.send_all(header + line)
                 received = b""
                 while len(received) < len(line):
                     chunk = await stream.receive_some(len(line) - len(received))
@@ -287,6 +400,7 @@ async def generate_load(
     wait_for_go: Callable[[], Awaitable[None]] | None = None,
     on_progress: Callable[[int], None] | None = None,
     patience_s: float = 10.0,
+    proxy: ProxyClaim | None = None,
 ) -> LoadReport:
     """Drive ``shape`` against ``host:port`` from this process; verify every echo.
 
@@ -302,6 +416,8 @@ async def generate_load(
           requests completed so far.
       patience_s: seconds allowed to connect, and for the echoes still
           outstanding when the window closes.
+      proxy: send this PROXY header on each connection as soon as it is
+          connected, before the load starts.
 
     """
     report = LoadReport()
@@ -310,7 +426,13 @@ async def generate_load(
         with trio.move_on_after(patience_s):
             for _ in range(shape.connections):
                 try:
-                    streams.append(await trio.open_tcp_stream(host, port))
+                    stream = await trio.open_tcp_stream(host, port)
+                    streams.append(stream)
+                    if proxy is not None:
+                        await stream.send_all(_proxy_header(proxy, stream))
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    report.add_error(f"connect: sending the PROXY header: {exc}")
+                    break
                 except OSError as exc:
                     report.add_error(f"connect: {_describe(exc)}")
                     break

@@ -11,7 +11,9 @@ vocabulary every other module shares.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -40,6 +42,24 @@ class LogLevel(StrEnum):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
+
+
+class ProxyProtocol(StrEnum):
+    """Which PROXY protocol header every connection must start with (`off`: none)."""
+
+    OFF = "off"
+    V1 = "v1"
+    V2 = "v2"
+    ANY = "any"
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# DESIGN.md: only load balancers on this host may vouch for a client by default.
+DEFAULT_PROXY_TRUSTED: tuple[IPNetwork, ...] = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv6Network("::1/128"),
+)
 
 
 class CloseReason(StrEnum):
@@ -78,6 +98,14 @@ def _seconds(inst: object, attribute: attrs.Attribute[float], value: float) -> N
         raise ConfigError(attribute.name, f"must be a number of seconds, not {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ConfigError(attribute.name, f"must be a number of seconds >= 0, not {value!r}")
+
+
+def _worker_timeout(inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    _seconds(inst, attribute, value)
+    # Workers send a heartbeat every 0.5 s (`echosvc.workers`): a shorter
+    # timeout would kill healthy workers between two of them.
+    if 0 < value < 1:
+        raise ConfigError(attribute.name, f"must be 0 (off) or at least 1 second, not {value!r}")
 
 
 def _whole(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -176,6 +204,60 @@ def _mode(value: object) -> Mode:
     return _choice(Mode, "mode", value)
 
 
+def _proxy_protocol(value: object) -> ProxyProtocol:
+    return _choice(ProxyProtocol, "proxy_protocol", value)
+
+
+def _networks(value: str | IPNetwork | Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
+    """CIDR text (or networks) -> networks; a bad one raises, naming the field.
+
+    Strict about what an operator most likely mistyped: host bits set
+    (``10.0.0.1/8``: meant ``/32``, or ``10.0.0.0/8``?) and IPv6 zones,
+    which a peer address from ``accept()`` never carries.
+    """
+    # A network is iterable too (of its addresses): one value is wrapped first.
+    items = (
+        (value,)
+        if isinstance(value, str | ipaddress.IPv4Network | ipaddress.IPv6Network)
+        else value
+    )
+    networks: list[IPNetwork] = []
+    for item in items:
+        if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            networks.append(item)
+            continue
+        text = item.strip()
+        if "%" in text:
+            raise ConfigError("proxy_trusted", f"{item!r}: a zone id cannot match a peer address")
+        try:
+            networks.append(ipaddress.ip_network(text))
+        except ValueError:
+            message = f"{item!r} is not a CIDR network such as 10.0.0.0/8 or 2001:db8::/32"
+            try:
+                loose = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                pass
+            else:
+                host = f"{ipaddress.ip_interface(text).ip}/{loose.max_prefixlen}"
+                message = f"{item!r} has host bits set: the network is {loose}, one host {host}"
+            raise ConfigError("proxy_trusted", message) from None
+    return tuple(networks)
+
+
+def _some_networks(
+    inst: object, attribute: attrs.Attribute[tuple[IPNetwork, ...]], value: tuple[IPNetwork, ...]
+) -> None:
+    if not value:
+        # Trusting nobody would refuse every connection: surely a mistake.
+        raise ConfigError(attribute.name, "needs at least one CIDR network")
+
+
+def _at_least_zero(inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    _whole(inst, attribute, value)
+    if value < 0:
+        raise ConfigError(attribute.name, f"must be 0 (no limit) or more, not {value!r}")
+
+
 def _log_format(value: object) -> LogFormat:
     return _choice(LogFormat, "log_format", value)
 
@@ -189,8 +271,9 @@ class Config:
     """Everything that decides how echosvc behaves.
 
     The defaults are DESIGN.md's. A timeout of ``0`` disables that deadline.
-    ``workers``, ``log_format``, ``log_level`` and ``metrics`` are read only by the
-    daemon (`echosvc.daemon`, `echosvc.supervisor`): the library serves in
+    ``workers``, ``worker_timeout``, ``log_format``, ``log_level`` and
+    ``metrics`` are read only by the daemon (`echosvc.daemon`,
+    `echosvc.supervisor`): the library serves in
     the process and task it is given, and never configures logging.
 
     Raises:
@@ -209,10 +292,21 @@ class Config:
     max_line_bytes: int = attrs.field(default=65536, validator=_at_least_one)
     max_connections: int = attrs.field(default=10000, validator=_at_least_one)
     shutdown_grace: float = attrs.field(default=10.0, validator=_seconds)
+    # The PROXY protocol stage (echosvc.proxyproto) and the per-source limit
+    # (echosvc.limits): off unless asked for.
+    proxy_protocol: ProxyProtocol = attrs.field(
+        default=ProxyProtocol.OFF, converter=_proxy_protocol
+    )
+    proxy_trusted: tuple[IPNetwork, ...] = attrs.field(
+        default=DEFAULT_PROXY_TRUSTED, converter=_networks, validator=_some_networks
+    )
+    proxy_timeout: float = attrs.field(default=5.0, validator=_seconds)
+    max_per_source: int = attrs.field(default=0, validator=_at_least_zero)
     backlog: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_at_least_one)
     )
     workers: int = attrs.field(default=1, validator=_at_least_one)
+    worker_timeout: float = attrs.field(default=30.0, validator=_worker_timeout)
     log_format: LogFormat = attrs.field(default=LogFormat.AUTO, converter=_log_format)
     log_level: LogLevel = attrs.field(default=LogLevel.INFO, converter=_log_level)
     # UDP echo (RFC 862's datagram half): off unless asked for; see echosvc.udp.
@@ -221,17 +315,6 @@ class Config:
     udp_rate: int = attrs.field(default=100, validator=_at_least_one)
     # The Prometheus endpoint, "host:port"; None: off. Read by the daemon only.
     metrics: str | None = attrs.field(default=None, converter=_metrics_address)
-
-    def __attrs_post_init__(self) -> None:
-        # One scrape of the supervisor is to answer for every worker, over
-        # the supervisor-worker protocol (issue 9); until that carries the
-        # statistics, say so rather than serve a partial view.
-        if self.metrics is not None and self.workers > 1:
-            raise ConfigError(
-                "metrics",
-                f"is not served with --workers {self.workers} yet:"
-                " use --workers 1, or one instance per port (echosvc@.service)",
-            )
 
     def evolve(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated."""
@@ -251,6 +334,8 @@ def environment_for(config: Config) -> dict[str, str]:
             continue
         if field.name == "hosts":
             environ["ECHOSVC_HOST"] = ",".join(value)
+        elif field.name == "proxy_trusted":
+            environ["ECHOSVC_PROXY_TRUSTED"] = ",".join(str(network) for network in value)
         else:
             environ[f"ECHOSVC_{field.name.upper()}"] = str(value)
     return environ

@@ -245,7 +245,16 @@ class Connection:
                 error = await self._close_politely(reason) or error
         finally:
             try:
-                error = await self._close_hard() or error
+                # Closed at once, the stream the stages started from too (a
+                # no-op if closed politely). aclose_forcefully closes before
+                # its checkpoint, which re-raises a cancellation from outside.
+                for stream in self._streams():
+                    try:
+                        await trio.aclose_forcefully(stream)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    except Exception as exc:  # noqa: BLE001 -- logged with the record
+                        error = error or exc
             finally:
                 for stage, link in reversed(opened):
                     try:
@@ -440,24 +449,11 @@ class Connection:
         while await stream.receive_some(RECEIVE_SIZE):
             pass
 
-    async def _close_hard(self) -> Exception | None:
-        """Close the stream, and the one the stages started from, at once.
-
-        A no-op if closed politely. `trio.aclose_forcefully` closes before
-        its checkpoint, which re-raises a cancellation from outside.
-        """
-        error: Exception | None = None
-        streams = [self._stream]
-        if self._origin is not self._stream:  # a stage wrapped it; close both
-            streams.append(self._origin)
-        for stream in streams:
-            try:
-                await trio.aclose_forcefully(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            except Exception as exc:  # noqa: BLE001 -- returned, and logged with the record
-                error = error or exc
-        return error
+    def _streams(self) -> list[trio.abc.Stream]:
+        """The stream to close, and the one it was wrapped around, if a stage did."""
+        if self._origin is self._stream:
+            return [self._stream]
+        return [self._stream, self._origin]
 
     def _closed(
         self, reason: CloseReason, duration_s: float, error: Exception | None, quiet: bool

@@ -12,10 +12,18 @@ process exits 0 once the connections have drained. A second signal cancels
 everything at once and the process exits 1. ``STATUS=`` and ``WATCHDOG=1``
 are sent until the very end, through the shutdown grace.
 
-A worker started by `echosvc.supervisor` is this same daemon with two
-differences, both set through the environment by its supervisor: it binds
-with ``SO_REUSEPORT`` (or adopts the sockets the supervisor passed), and its
-notify socket is the supervisor's, to which it also reports its counters.
+SIGHUP is a reload request: it logs ``reload_requested`` and runs the
+`Reloads` hooks, stopping nothing. Nothing registers one yet (the TLS
+certificates will), so today a SIGHUP changes nothing.
+
+A worker started by `echosvc.supervisor` is this same daemon, told so by
+its environment (`echosvc.workers` has the protocol): it binds with
+``SO_REUSEPORT`` (or adopts the sockets the supervisor passed), its notify
+socket is the supervisor's, to which it also reports its counters and sends
+a heartbeat from its loop, and it takes stop and reload requests from its
+supervisor's orders only, never from signals. A ``stats`` order is
+answered with the worker's metrics (`echosvc.metrics`), for its supervisor's
+endpoint.
 
 With ``--metrics`` (or an inherited socket named ``metrics``) the daemon
 also serves the Prometheus endpoint of `echosvc.metrics`, on listeners of
@@ -30,13 +38,14 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
-from . import logs, systemd
+from . import logs, systemd, workers
 from .config import Config, split_host_port
 from .listeners import (
     BindError,
@@ -47,20 +56,24 @@ from .listeners import (
     take_datagram_sockets,
 )
 from .server import Server, serve
+from .workers import LISTEN_FDS_ENV, WORKER_ENV, StopControl
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+    from .metrics import Source
 
 __all__ = [
     "METRICS_FD_NAME",
-    "StopControl",
+    "Reloads",
+    "metrics_listeners",
     "raise_open_files_limit",
     "run",
     "split_metrics_socket",
+    "start_metrics",
     "take_inherited_sockets",
     "take_inherited_sockets_with_names",
 ]
-
-# Set by the supervisor for its workers; not for people.
-WORKER_ENV = "_ECHOSVC_WORKER"
-LISTEN_FDS_ENV = "_ECHOSVC_LISTEN_FDS"
 
 # FileDescriptorName= of the inherited socket that serves the metrics.
 METRICS_FD_NAME = "metrics"
@@ -172,7 +185,7 @@ async def _main(
     notifier = systemd.Notifier()
     # Signals are ours from the first moment, so a SIGTERM during start-up
     # is a graceful stop too, not a KeyboardInterrupt traceback.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         if inherited or udp_inherited:
             listeners = adopt_listeners(inherited)
             udp_sockets = udp_inherited
@@ -197,7 +210,7 @@ async def _main(
                 return 1
             activation = "bind"
         try:
-            metrics_listeners = await _metrics_listeners(config, metrics_socket, worker)
+            metrics_socks = await metrics_listeners(config, metrics_socket)
         except BindError as exc:
             print(f"echosvc: --metrics: {exc.strerror}", file=sys.stderr)
             for listener in listeners:
@@ -213,12 +226,17 @@ async def _main(
             exit_status = 1
             nursery.cancel_scope.cancel()
 
+        reloads = Reloads()
         async with trio.open_nursery() as nursery:
+            if worker is not None:
+                # From the loop's first moment: a worker wedged in its
+                # start-up is noticed too.
+                nursery.start_soon(workers.send_heartbeats, notifier)
             server: Server = await nursery.start(
                 partial(_serve_then_stop, config, listeners, nursery.cancel_scope, udp_sockets)
             )
-            if metrics_listeners:
-                _start_metrics(nursery, server, metrics_listeners)
+            if metrics_socks:
+                start_metrics(nursery, metrics_socks, _MetricsOf(server, nursery).registry())
             log.info(
                 "listening",
                 addresses=server.addresses,
@@ -233,12 +251,14 @@ async def _main(
             interval = systemd.watchdog_interval()
             if interval is not None and notifier.enabled:
                 nursery.start_soon(systemd.keep_watchdog_fed, notifier, interval)
+            nursery.start_soon(reloads.run)
             control = StopControl(
                 notifier,
                 active=lambda: server.statistics().active,
                 grace_s=config.shutdown_grace,
                 stop=lambda _: server.shutdown(),
                 force=force,
+                reload=reloads.request,
             )
             if worker is None:
                 await control.watch_signals(signals)
@@ -248,7 +268,13 @@ async def _main(
                 # KillMode) reaches the supervisor too, which passes it on;
                 # counting it here as well could make one request two.
                 nursery.start_soon(_ignore, signals)
-                await control.watch_supervisor(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))
+                stats = _MetricsOf(server, nursery)
+
+                def answer(question: str) -> None:
+                    notifier.send(workers.stats_answer(question, stats.encoded()))
+
+                orders = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+                await workers.obey(orders, control, stats=answer)
                 await trio.sleep_forever()  # until the drain ends
         log.info("stopped", connections_served=server.statistics().served)
         notifier.send(*status())  # a supervisor adds up the final counts
@@ -256,71 +282,45 @@ async def _main(
         return exit_status
 
 
-class StopControl:
-    """Turns stop requests into one graceful stop, then a forced one.
+ReloadHook = Callable[[], Awaitable[None]]
 
-    Requests come from signals (SIGTERM, SIGINT) or, in a worker, only from
-    the supervisor, over stdin. The first request logs ``shutdown_started``,
-    sends ``STOPPING=1`` and calls ``stop``; a second *signal* logs
-    ``shutdown_forced`` and calls ``force``.
+
+class Reloads:
+    """What a reload request (SIGHUP, or a supervisor's ``reload`` order) reloads.
+
+    A part that can reload registers a hook with `add` (the TLS stage will
+    register one that reads its certificates again). `request` logs
+    ``reload_requested`` at once, with ``reloads`` naming the hooks (empty:
+    there is nothing to reload); `run` calls the hooks in order, one reload
+    at a time, and requests that arrive during a reload make one more, not
+    one each. A hook reports its own outcome (``tls_reloaded``,
+    ``tls_reload_failed``) and keeps what it had when loading fails; an
+    exception out of a hook is a bug and propagates. The systemd
+    ``RELOADING=1``/``READY=1`` bracket belongs around the hooks in `run`,
+    once there are any.
     """
 
-    def __init__(
-        self,
-        notifier: systemd.Notifier,
-        *,
-        active: Callable[[], int],
-        grace_s: float,
-        stop: Callable[[str | None], None],
-        force: Callable[[str | None], None],
-    ) -> None:
-        self._notifier = notifier
-        self._active = active
-        self._grace_s = grace_s
-        self._stop = stop
-        self._force = force
+    def __init__(self) -> None:
+        self._hooks: list[tuple[str, ReloadHook]] = []
+        self._wanted = trio.Event()
         self._log = structlog.get_logger("echosvc")
-        self.stopping = False
 
-    def request(self, signal_name: str | None, *, escalate: bool = True) -> None:
-        """A stop request; ``escalate=False`` never turns it into a forced stop."""
-        if not self.stopping:
-            self.stopping = True
-            self._log.info(
-                "shutdown_started", signal=signal_name, active=self._active(), grace_s=self._grace_s
-            )
-            self._notifier.send("STOPPING=1")
-            self._stop(signal_name)
-        elif escalate:
-            self._log.warning("shutdown_forced", signal=signal_name, active=self._active())
-            self._force(signal_name)
+    def add(self, name: str, hook: ReloadHook) -> None:
+        self._hooks.append((name, hook))
 
-    async def watch_signals(self, signals: AsyncIterator[int]) -> None:
-        """Run until cancelled (by whoever sees the drain finish)."""
-        async for signum in signals:
-            self.request(signal.Signals(signum).name)
+    def request(self, signal_name: str | None) -> None:
+        self._log.info(
+            "reload_requested", signal=signal_name, reloads=[name for name, _ in self._hooks]
+        )
+        self._wanted.set()
 
-    async def watch_supervisor(self, commands: trio.abc.ReceiveStream) -> None:
-        """A worker's orders, one per line: ``stop SIGNAL`` or ``force SIGNAL``.
-
-        The supervisor forwards the signals it receives this way rather than
-        as signals, so that a signal sent to the whole process group (Ctrl-C
-        on a terminal, systemd's default KillMode) is not counted twice. If
-        the supervisor goes away (EOF), the worker stops gracefully.
-        """
-        buffer = b""
-        while chunk := await commands.receive_some():
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                order, _, name = line.decode(errors="replace").partition(" ")
-                if order == "stop":
-                    self.request(name or None, escalate=False)
-                elif order == "force":
-                    if not self.stopping:
-                        self.request(name or None)
-                    self.request(name or None)
-        self.request(None, escalate=False)
+    async def run(self) -> None:
+        """Carry out requests until cancelled."""
+        while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            for _, hook in self._hooks:
+                await hook()
 
 
 async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
@@ -336,17 +336,20 @@ async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
     daemon_scope.cancel()
 
 
-async def _metrics_listeners(
-    config: Config, inherited: socket.socket | None, worker: int | None
+async def metrics_listeners(
+    config: Config, inherited: socket.socket | None
 ) -> list[trio.SocketListener]:
     """The endpoint's listeners: the inherited ``metrics`` socket, or --metrics bound.
+
+    With both, the inherited socket wins and ``address_ignored`` says so.
+    (A worker has neither: its supervisor serves the endpoint.)
 
     Raises:
       BindError: ``--metrics`` cannot be bound.
 
     """
     if inherited is not None:
-        if config.metrics is not None and worker is None:
+        if config.metrics is not None:
             structlog.get_logger("echosvc").warning(
                 "address_ignored",
                 reason=f"socket activation: metrics served on the socket named {METRICS_FD_NAME}",
@@ -359,18 +362,43 @@ async def _metrics_listeners(
     return await open_listeners(Config(hosts=(host,), port=port))
 
 
-def _start_metrics(
-    nursery: trio.Nursery, server: Server, listeners: list[trio.SocketListener]
+class _MetricsOf:
+    """This process's registry (`echosvc.metrics.daemon_registry`), made on first use.
+
+    Imported and made only when asked for: prometheus_client and h11 are
+    start-up time, and the loop monitor ten wake-ups a second, that only a
+    process whose metrics are read should pay. A worker's first ``stats``
+    order starts its monitor, so its lag is measured from its first scrape.
+    """
+
+    def __init__(self, server: Server | None, nursery: trio.Nursery) -> None:
+        self._server = server
+        self._nursery = nursery
+        self._registry: Collector | None = None
+
+    def registry(self) -> Collector:
+        if self._registry is None:
+            from . import metrics
+
+            monitor = metrics.LoopMonitor()
+            self._nursery.start_soon(monitor.run, name="echosvc loop monitor")
+            self._registry = metrics.daemon_registry(self._server, monitor)
+        return self._registry
+
+    def encoded(self) -> str:
+        from . import metrics
+
+        return metrics.encode_families(self.registry())
+
+
+def start_metrics(
+    nursery: trio.Nursery, listeners: list[trio.SocketListener], source: Source
 ) -> None:
-    # Imported here: prometheus_client and h11 are start-up time that only
-    # a daemon serving metrics should pay.
+    """Serve ``source`` on ``listeners`` in ``nursery``, and log ``metrics_listening``."""
     from . import metrics
 
-    monitor = metrics.LoopMonitor()
-    nursery.start_soon(monitor.run, name="echosvc loop monitor")
-    registry = metrics.daemon_registry(server, monitor)
     addresses = [format_address(listener.socket.getsockname()) for listener in listeners]
-    nursery.start_soon(metrics.serve_metrics, listeners, registry, name="echosvc metrics")
+    nursery.start_soon(metrics.serve_metrics, listeners, source, name="echosvc metrics")
     log = structlog.get_logger("echosvc")
     for address in addresses:
         log.info("metrics_listening", address=address)
@@ -386,6 +414,6 @@ def _status(server: Server, *, counters: bool) -> list[str]:
     noun = "connection" if stats.active == 1 else "connections"
     verb = "serving" if stats.accepting else "draining"
     status = [f"STATUS={verb} {stats.active} {noun}"]
-    if counters:  # for a supervisor; sd_notify(3) reserves X_ names for this
-        status += [f"X_ECHOSVC_ACTIVE={stats.active}", f"X_ECHOSVC_SERVED={stats.served}"]
+    if counters:  # for a supervisor
+        status += workers.counters(stats.active, stats.served)
     return status

@@ -16,6 +16,7 @@ every socket opened so far closed again.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket as stdlib_socket
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from .config import Config
 
 __all__ = [
     "BindError",
+    "address_ip",
     "adopt_listeners",
     "format_address",
     "open_listeners",
@@ -59,6 +61,27 @@ def format_address(sockaddr: tuple[object, ...] | str) -> str:
     return f"{host}:{port}"
 
 
+def address_ip(
+    sockaddr: tuple[object, ...] | str | None,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of a socket address, IPv4-mapped IPv6 as IPv4; None if it has none.
+
+    A dual-stack socket (``IPV6_V6ONLY`` off, as systemd's ``ListenStream=9000``
+    binds it) reports IPv4 peers as ``::ffff:a.b.c.d``: they are IPv4 peers,
+    to a trust list and a per-source limit alike. ``AF_UNIX`` addresses (a
+    path, or ``""`` for an unnamed client) have no IP.
+    """
+    if not isinstance(sockaddr, tuple) or not sockaddr or not isinstance(sockaddr[0], str):
+        return None
+    try:
+        ip = ipaddress.ip_address(sockaddr[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 async def open_listeners(config: Config, *, reuse_port: bool = False) -> list[trio.SocketListener]:
     """Listen on every host of ``config`` at ``config.port``.
 
@@ -86,11 +109,34 @@ async def reserve_addresses(config: Config) -> list[trio.socket.SocketType]:
     addresses) so that worker processes can bind it with ``SO_REUSEPORT``;
     since they never listen, the kernel never hands them a connection.
 
+    With ``config.udp`` the workers will also bind UDP on that port. A bound
+    UDP socket cannot be held the same way -- it would receive its share of
+    the datagrams and never answer them -- so the UDP port is only checked:
+    bound once per address and released, and with port ``0`` a port taken
+    for UDP means picking another.
+
     Raises:
-      BindError: as `open_listeners`.
+      BindError: as `open_listeners`, or a UDP address that cannot be bound.
 
     """
-    return await _bind_all(config, reuse_port=True, backlog=None)
+    for attempt in range(_SHARED_PORT_ATTEMPTS):
+        sockets = await _bind_all(config, reuse_port=True, backlog=None)
+        if not config.udp:
+            return sockets
+        try:
+            for udp in open_udp_sockets([sock.getsockname() for sock in sockets], reuse_port=True):
+                udp.close()
+        except BindError as exc:
+            _close(sockets)
+            retry = config.port == 0 and exc.errno == errno.EADDRINUSE
+            if not retry or attempt == _SHARED_PORT_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            _close(sockets)
+            raise
+        else:
+            return sockets
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _bind_all(

@@ -509,15 +509,18 @@ def decode_families(text: str) -> list[Metric]:
     return families
 
 
-def worker_families(answers: Sequence[Sequence[Metric] | None]) -> list[Metric]:
+def worker_families(
+    answers: Sequence[Sequence[Metric] | None], own: Iterable[Metric] = ()
+) -> list[Metric]:
     """One view of every worker: ``answers[i]`` is worker ``i``'s families, or
     None if it did not answer.
 
     Each answering worker's samples get ``worker="i"`` and the families of
-    the same name are merged (each worker's samples stay together, as
-    OpenMetrics wants a label set's samples); ``echosvc_worker_up{worker}``
-    is 1 for a worker that answered and 0 for one that did not, whose
-    series are then missing.
+    the same name are merged -- with ``own``, the supervisor's, whose samples
+    keep their labels and come first -- since a name may appear once in an
+    exposition; each worker's samples stay together, as OpenMetrics wants a
+    label set's samples. ``echosvc_worker_up{worker}`` is 1 for a worker
+    that answered and 0 for one that did not, whose series are then missing.
     """
     up = GaugeMetricFamily(
         "echosvc_worker_up",
@@ -526,14 +529,21 @@ def worker_families(answers: Sequence[Sequence[Metric] | None]) -> list[Metric]:
         labels=["worker"],
     )
     merged: dict[str, Metric] = {}
+
+    def family_like(family: Metric) -> Metric:
+        into = merged.get(family.name)
+        if into is None:
+            into = merged[family.name] = Metric(
+                family.name, family.documentation, family.type, family.unit
+            )
+        return into
+
+    for family in own:
+        family_like(family).samples.extend(family.samples)
     for index, families in enumerate(answers):
         up.add_metric([str(index)], 0 if families is None else 1)
         for family in families or ():
-            into = merged.get(family.name)
-            if into is None:
-                into = merged[family.name] = Metric(
-                    family.name, family.documentation, family.type, family.unit
-                )
+            into = family_like(family)
             for sample in family.samples:
                 into.add_sample(sample.name, {**sample.labels, "worker": str(index)}, sample.value)
     return [up, *merged.values()]
@@ -568,7 +578,7 @@ class WorkersView:
         async with trio.open_nursery() as nursery:
             for index in range(self._count):
                 nursery.start_soon(one, index)
-        return _Fixed([*self._own.collect(), *worker_families(answers)])
+        return _Fixed(worker_families(answers, own=self._own.collect()))
 
 
 class _Fixed(Collector):

@@ -46,7 +46,7 @@ from typing import Any
 import attrs
 import trio
 
-from .config import CloseReason, Config
+from .config import CloseReason, Config, ProxyProtocol
 
 __all__ = ["Link", "Refused", "Stage", "stages_for"]
 
@@ -136,8 +136,18 @@ def stages_for(config: Config) -> Sequence[Stage]:
     """The stages ``config`` asks for, in pipeline order.
 
     This is the one place that knows the pipeline's order (DESIGN.md: PROXY
-    header, per-source limit, TLS handshake, then the echo). No stage is
-    configurable yet, so it is empty.
+    header, per-source limit, TLS handshake, then the echo). The per-source
+    limit comes after the PROXY header because it is keyed on the real
+    client the header names. Each call builds new stages: a server's stages
+    (and so its per-source counts) are its own.
     """
-    del config
-    return ()
+    # Imported here: the stage modules import this one for `Stage`.
+    from .limits import SourceLimitStage
+    from .proxyproto import ProxyStage
+
+    stages: list[Stage] = []
+    if config.proxy_protocol is not ProxyProtocol.OFF:
+        stages.append(ProxyStage.from_config(config))
+    if config.max_per_source:
+        stages.append(SourceLimitStage(config.max_per_source))
+    return tuple(stages)

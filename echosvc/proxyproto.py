@@ -36,17 +36,28 @@ unbounded ``readline()``. Python itself sets two of those traps: ``int()``
 takes ``"+80"``, ``"080"``, ``"0_80"`` and ``" 80"``, and
 ``ipaddress.IPv6Address`` takes ``"fe80::1%eth0"``; so every v1 field is
 matched byte-exact before anything converts it.
+
+`ProxyStage` is the parser at work: the `echosvc.pipeline` stage that reads
+the header off a connection (``--proxy-protocol``, ``--proxy-trusted``,
+``--proxy-timeout``). It refuses a peer outside the trusted networks before
+reading a byte, reads under the stage's own deadline, refuses the moment the
+parser does, and hands on the client the header names together with the
+bytes that followed the header.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from enum import StrEnum
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import attrs
+
+from .config import CloseReason, Config, IPNetwork, ProxyProtocol
+from .listeners import address_ip, format_address
+from .pipeline import Link, Refused, Stage
 
 __all__ = [
     "MAX_V1_LINE",
@@ -63,6 +74,7 @@ __all__ = [
     "ProxyHeader",
     "ProxyParser",
     "ProxyProtocolError",
+    "ProxyStage",
     "crc32c",
     "encode_v1",
     "encode_v2",
@@ -637,3 +649,92 @@ def _checked(address: Address) -> _IPPort:
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port {port} is outside 0-65535")
     return ip, port
+
+
+# -- the stage -------------------------------------------------------------------
+
+# One receive while reading the header. Whatever arrives beyond the header
+# is the next stage's (`Link.pending`), so there is no need to read less.
+_RECEIVE_SIZE = 65536
+
+_ACCEPT: Final[dict[ProxyProtocol, Accept]] = {
+    ProxyProtocol.V1: "v1",
+    ProxyProtocol.V2: "v2",
+    ProxyProtocol.ANY: "any",
+}
+
+
+class ProxyStage(Stage):
+    """The pipeline stage that reads the PROXY header every connection starts with.
+
+    Args:
+      accept: which header versions to take (``"v1"``, ``"v2"``, ``"any"``);
+          a header is never optional.
+      trusted: the networks whose peers may send a header (the load
+          balancers); any other IP peer is refused with ``proxy_untrusted``
+          before a byte is read. A peer with no IP address (an ``AF_UNIX``
+          socket, a stream handed to `echosvc.handle_stream` without an
+          address) is not subject to the list: who may reach it is decided
+          by file permissions or by the caller.
+      timeout: seconds for the whole header (``proxy_timeout``); ``0``: none.
+
+    What the next stage gets: a header naming a TCP client (``PROXY TCP4``,
+    ``TCP6``; v2 ``PROXY`` over TCP) makes that client the link's ``peer``
+    and ``address`` (an IPv4-mapped IPv6 client becomes plain IPv4, for the
+    logs and the per-source limit alike); a header that keeps the socket's
+    own addresses (v1 ``UNKNOWN``, v2 ``LOCAL`` health checks, v2 UDP, UNIX
+    or UNSPEC) keeps them. Either way the link gains the ``proxy`` field,
+    the load balancer's ``host:port`` (the ``peer`` it arrived with, if it
+    had one): every connection that got past a PROXY listener's header
+    names the balancer that vouched for it, and ``peer == proxy`` marks the
+    balancer's own connections. The bytes after the header are the link's
+    ``pending``.
+
+    A refusal's ``detail`` is the parser's reason. The stage holds no state
+    of its own, so one instance serves every connection.
+    """
+
+    timeout_reason = CloseReason.PROXY_TIMEOUT
+
+    def __init__(self, accept: Accept, trusted: Sequence[IPNetwork], timeout: float) -> None:
+        if accept not in ("v1", "v2", "any"):
+            raise ValueError(f"accept must be 'v1', 'v2' or 'any', not {accept!r}")
+        self.accept = accept
+        self.trusted = tuple(trusted)
+        self.timeout = timeout
+
+    @classmethod
+    def from_config(cls, config: Config) -> ProxyStage:
+        """The stage ``--proxy-protocol``, ``--proxy-trusted`` and ``--proxy-timeout`` ask for."""
+        return cls(_ACCEPT[config.proxy_protocol], config.proxy_trusted, config.proxy_timeout)
+
+    def trusts(self, address: tuple[Any, ...] | str | None) -> bool:
+        """Whether a peer at socket address ``address`` may send a header."""
+        ip = address_ip(address)
+        return ip is None or any(ip in network for network in self.trusted)
+
+    async def open(self, link: Link) -> Link:
+        # Before any receive: an untrusted peer's bytes are never looked at.
+        if not self.trusts(link.address):
+            raise Refused(CloseReason.PROXY_UNTRUSTED, "peer is not a trusted proxy")
+        parser = ProxyParser(self.accept)
+        data: bytes | bytearray = link.pending
+        try:
+            while (header := parser.feed(data)) is None:
+                data = await link.stream.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    parser.feed_eof()  # the header is unfinished: this refuses
+        except ProxyProtocolError as exc:
+            raise Refused(CloseReason.PROXY_INVALID, exc.reason) from None
+        opened = link.evolve(pending=header.rest)
+        if header.source is not None:
+            host, port = header.source
+            ip = address_ip((host, port))
+            assert ip is not None, "the parser only returns IP addresses"
+            # Shaped like accept()'s own addresses: (host, port) for IPv4,
+            # (host, port, flowinfo, scope_id) for IPv6.
+            address = (str(ip), port) if ip.version == 4 else (str(ip), port, 0, 0)
+            opened = opened.evolve(peer=format_address(address), address=address)
+        if link.peer is not None:
+            opened = opened.with_field("proxy", link.peer)
+        return opened

@@ -22,11 +22,18 @@ What is checked, and how honestly:
   backend is marked DOWN by the echo health check while clients still get
   their echoes, and it is marked UP again after a restart; one that accepts
   connections but no longer echoes (SIGSTOP) is marked DOWN as well.
+* The PROXY protocol behind that HAProxy, ``send-proxy-v2`` as shipped and
+  ``send-proxy`` (v1): clients from 127.0.0.2 and 127.0.0.3 are the
+  instances' ``peer``, HAProxy's address their ``proxy``; the health checks
+  go through the header and keep both instances UP; ``--max-per-source``
+  counts each real client, not HAProxy; an instance that does not expect the
+  header is marked DOWN by the anchored check instead of echoing headers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import importlib.metadata as metadata
 import json
@@ -46,6 +53,7 @@ import pytest
 from packaging.requirements import Requirement
 
 import echosvc
+from echosvc.proxyproto import encode_v2
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SERVICES = ["echosvc.service", "echosvc-standalone.service", "echosvc@.service"]
@@ -415,10 +423,10 @@ def scrape(port: int, timeout: float = 5.0) -> str:
         connection.close()
 
 
-def echo_once(port: int, line: bytes, timeout: float = 5.0) -> bytes:
-    """Connect, send ``line``, read until its newline comes back."""
+def echo_once(port: int, line: bytes, timeout: float = 5.0, header: bytes = b"") -> bytes:
+    """Connect, send ``header`` and ``line``, read until its newline comes back."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(line)
+        sock.sendall(header + line)
         received = b""
         while not received.endswith(b"\n"):
             chunk = sock.recv(65536)
@@ -428,10 +436,12 @@ def echo_once(port: int, line: bytes, timeout: float = 5.0) -> bytes:
         return received
 
 
-def expect_echo(port: int, line: bytes, diagnose: Callable[[], str], timeout: float = 5.0) -> None:
+def expect_echo(
+    port: int, line: bytes, diagnose: Callable[[], str], timeout: float = 5.0, header: bytes = b""
+) -> None:
     """`echo_once` must return ``line``; if not, fail with ``diagnose()``."""
     try:
-        received = echo_once(port, line, timeout)
+        received = echo_once(port, line, timeout, header)
     except OSError as exc:
         raise AssertionError(f"{line!r} to port {port}: {exc!r}\n{diagnose()}") from exc
     assert received == line, f"{received!r}\n{diagnose()}"
@@ -509,7 +519,17 @@ def test_haproxy_balances_and_health_checks_echosvc(tmp_path: Path) -> None:
     logs = {name: tmp_path / f"{name}.log" for name in ("a", "b", "haproxy")}
 
     def serve(port: int) -> list[str]:
-        return [*ECHOSVC, "serve", "--port", str(port), "--log-format", "json"]
+        # As echosvc@.service runs them: behind send-proxy-v2.
+        return [
+            *ECHOSVC,
+            "serve",
+            "--port",
+            str(port),
+            "--log-format",
+            "json",
+            "--proxy-protocol",
+            "v2",
+        ]
 
     def diagnose() -> str:
         parts = [f"--- {path.name}\n{path.read_text(errors='replace')}" for path in logs.values()]
@@ -575,6 +595,192 @@ def test_haproxy_balances_and_health_checks_echosvc(tmp_path: Path) -> None:
         echo_concurrently(frontend, 6, "b wedged")
         backend_b.send_signal(signal.SIGCONT)
         wait_until(lambda: status(servers[1]) == "UP", "b UP again", diagnose)
+
+
+# --- HAProxy and the PROXY protocol ------------------------------------------------------
+#
+# The shipped config sends send-proxy-v2 to the instances and health-checks
+# them through it. Clients connect to HAProxy from 127.0.0.2 and 127.0.0.3
+# (any 127/8 address is this host's on Linux), so the instances' logs can
+# tell them apart from HAProxy (127.0.0.1) only if the header got through.
+
+
+def log_records(path: Path) -> list[dict[str, object]]:
+    return [
+        json.loads(line)
+        for line in path.read_text(errors="replace").splitlines()
+        if line.startswith("{")
+    ]
+
+
+class HAProxyRig:
+    """Two echosvc instances behind HAProxy running deploy/haproxy.cfg."""
+
+    servers = ("echosvc-9001", "echosvc-9002")  # server names as shipped
+
+    def __init__(self, stack: ExitStack, tmp_path: Path, backend_args: list[list[str]]) -> None:
+        self.stats_socket = tmp_path / "admin.sock"
+        self.frontend = free_port()
+        self.logs = {name: tmp_path / f"{name}.log" for name in ("a", "b", "haproxy")}
+        self.ports: list[int] = []
+        for name, args in zip(("a", "b"), backend_args, strict=True):
+            argv = [*ECHOSVC, "serve", "--port", "0", "--log-format", "json", *args]
+            stack.enter_context(running(argv, self.logs[name]))
+        for name in ("a", "b"):
+            addresses = wait_for_log(self.logs[name], "listening")["addresses"]
+            assert isinstance(addresses, list), addresses
+            self.ports.append(int(str(addresses[0]).rsplit(":", 1)[1]))
+        self.tmp_path = tmp_path
+        self.stack = stack
+
+    def start(self, edit: tuple[str, str] | None = None) -> None:
+        text = render_haproxy_cfg(self.frontend, (self.ports[0], self.ports[1]), self.stats_socket)
+        if edit is not None:
+            assert text.count(edit[0]) == 1, f"deploy/haproxy.cfg: expected {edit[0]!r} once"
+            text = text.replace(*edit)
+        config = self.tmp_path / "haproxy.cfg"
+        config.write_text(text)
+        check = run_tool("haproxy", "-c", "-f", config)
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.stack.enter_context(
+            running(["haproxy", "-f", str(config), "-db"], self.logs["haproxy"])
+        )
+
+    def stat(self, server: str) -> dict[str, str]:
+        try:
+            return haproxy_stat(self.stats_socket)[server]
+        except OSError:
+            return {}
+
+    def checked_ok(self, server: str) -> bool:
+        """UP, and the last health check passed (servers start UP before any)."""
+        row = self.stat(server)
+        return row.get("status") == "UP" and row.get("check_status", "").lstrip("* ") == "L7OK"
+
+    def records(self, name: str, event: str = "connection_closed") -> list[dict[str, object]]:
+        return [r for r in log_records(self.logs[name]) if r["event"] == event]
+
+    def diagnose(self) -> str:
+        parts = [f"--- {p.name}\n{p.read_text(errors='replace')}" for p in self.logs.values()]
+        if self.stats_socket.exists():
+            parts.append(f"--- show stat\n{haproxy_stat(self.stats_socket)}")
+        return "\n".join(parts)
+
+
+def connect_from(source_ip: str, port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5.0, source_address=(source_ip, 0))
+
+
+def echo_on(sock: socket.socket, line: bytes) -> bytes:
+    """Send ``line`` on ``sock``; what came back before its newline or the close."""
+    sock.sendall(line)
+    received = b""
+    try:
+        while not received.endswith(b"\n") and (chunk := sock.recv(65536)):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+@needs_haproxy
+@pytest.mark.parametrize(
+    ("version", "edit"),
+    [
+        ("v2", None),
+        ("v1", ("    default-server send-proxy-v2\n", "    default-server send-proxy\n")),
+    ],
+    ids=["send-proxy-v2", "send-proxy"],
+)
+def test_haproxy_passes_the_real_client_and_the_limit_is_per_client(
+    tmp_path: Path, version: str, edit: tuple[str, str] | None
+) -> None:
+    args = ["--proxy-protocol", version, "--max-per-source", "2", "--log-level", "debug"]
+    with ExitStack() as stack:
+        rig = HAProxyRig(stack, tmp_path, [args, args])
+        rig.start(edit)
+        # HAProxy's own health checks pass through the header (v2: LOCAL).
+        wait_until(lambda: all(rig.checked_ok(s) for s in rig.servers), "both L7OK", rig.diagnose)
+
+        # Real clients, named as such behind HAProxy.
+        clients = {}
+        for source in ("127.0.0.2", "127.0.0.3"):
+            with connect_from(source, rig.frontend) as sock:
+                clients[source] = sock.getsockname()[1]
+                assert echo_on(sock, f"from {source}\n".encode()) == f"from {source}\n".encode()
+
+        def closed_for(peer: str) -> list[dict[str, object]]:
+            return [r for name in ("a", "b") for r in rig.records(name) if r["peer"] == peer]
+
+        def logged(peer: str) -> bool:
+            return bool(closed_for(peer))
+
+        for source, port in clients.items():
+            peer = f"{source}:{port}"
+            wait_until(functools.partial(logged, peer), peer, rig.diagnose)
+            [record] = closed_for(peer)
+            assert record["reason"] == "eof", record
+            assert str(record["proxy"]).startswith("127.0.0.1:"), record
+
+        # The limit is per real client: 127.0.0.2 may hold 2 per instance,
+        # so 4 through two instances, and the 5th is refused; 127.0.0.3,
+        # behind the same HAProxy address, is not affected.
+        held = [stack.enter_context(connect_from("127.0.0.2", rig.frontend)) for _ in range(4)]
+        for i, sock in enumerate(held):
+            assert echo_on(sock, b"held %d\n" % i) == b"held %d\n" % i, rig.diagnose()
+        with connect_from("127.0.0.2", rig.frontend) as over:
+            assert echo_on(over, b"one too many\n") == b"", rig.diagnose()
+        with connect_from("127.0.0.3", rig.frontend) as other:
+            assert echo_on(other, b"another client\n") == b"another client\n", rig.diagnose()
+
+        def refusals() -> list[dict[str, object]]:
+            return [r for n in ("a", "b") for r in rig.records(n) if r["reason"] == "source_limit"]
+
+        wait_until(lambda: bool(refusals()), "the refusal logged", rig.diagnose)
+        reached = [r for n in ("a", "b") for r in rig.records(n, "source_limit_reached")]
+        assert [(r["source"], r["limit"]) for r in reached] == [("127.0.0.2", 2)]
+        refused = refusals()
+        assert [(r["level"], str(r["peer"]).split(":")[0]) for r in refused] == [
+            ("debug", "127.0.0.2")
+        ]
+
+        # The health checks: the balancer's own connections, peer == proxy.
+        checks = [
+            r
+            for n in ("a", "b")
+            for r in rig.records(n)
+            if r["peer"] == r.get("proxy") and r["lines"] == 1
+        ]
+        assert checks, rig.diagnose()
+        assert all(str(r["peer"]).startswith("127.0.0.1:") for r in checks)
+        assert not [
+            r for n in ("a", "b") for r in rig.records(n) if str(r["reason"]).startswith("proxy_")
+        ], rig.diagnose()
+        for server in rig.servers:
+            assert rig.checked_ok(server), rig.diagnose()
+
+
+@needs_haproxy
+def test_haproxy_marks_down_an_instance_that_does_not_expect_the_header(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        # b was started without --proxy-protocol: it would echo HAProxy's
+        # header back to every client. The anchored check catches it.
+        rig = HAProxyRig(stack, tmp_path, [["--proxy-protocol", "v2"], []])
+        rig.start()
+        good, bad = rig.servers
+        wait_until(lambda: rig.checked_ok(good), "a L7OK", rig.diagnose)
+        wait_until(
+            lambda: rig.stat(bad).get("status", "").startswith("DOWN"), "b DOWN", rig.diagnose
+        )
+        # Failed at the anchored expect: the echo did not start with the line
+        # (L7RSP once it is all in, L7TOUT while HAProxy waits for more).
+        row = rig.stat(bad)
+        assert row["check_status"].lstrip("* ") in ("L7RSP", "L7TOUT"), rig.diagnose()
+        assert "regex" in row["last_chk"], rig.diagnose()
+        # Clients reach the good one only, and get exactly their bytes back.
+        for i in range(4):
+            expect_echo(rig.frontend, b"clean echo %d\n" % i, rig.diagnose)
+        assert int(rig.stat(bad)["stot"]) == 0, rig.diagnose()
 
 
 # --- the units, run by a real systemd ---------------------------------------------
@@ -881,8 +1087,12 @@ def test_units_run_hardened_under_systemd(tmp_path: Path) -> None:
 
         # The units that bind their own port.
         sandbox.run("systemctl", "start", "echosvc-standalone.service", instance)
-        for port in (ports["standalone"], ports["instance"]):
-            expect_echo(port, b"bound by echosvc\n", diagnose)
+        expect_echo(ports["standalone"], b"bound by echosvc\n", diagnose)
+        # The template runs its instances behind HAProxy: PROXY v2 first.
+        header = encode_v2(("203.0.113.7", 4000), ("127.0.0.1", ports["instance"]))
+        expect_echo(ports["instance"], b"bound by echosvc\n", diagnose, header=header)
+        closed = wait_for_log(logs / "echosvc-at.service.log", "connection_closed")
+        assert (closed["peer"], closed["reason"]) == ("203.0.113.7:4000", "eof"), closed
         assert sandbox.show(instance, "User")["User"] == f"echosvc-{ports['instance']}"
         sandbox.run("systemctl", "stop", "echosvc-standalone.service", instance)
         for unit in ("echosvc-standalone.service", instance):

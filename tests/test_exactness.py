@@ -444,10 +444,11 @@ async def test_the_write_deadline_and_the_shutdown_grace_tie_goes_to_the_caller(
     """An echo stuck at its write deadline when the caller's grace ends at the
     same moment: the caller's cancellation propagates and is logged shutdown."""
     peer = MemoryPeer(capacity=0)
-    with trio.CancelScope(deadline=30) as grace:
+    with trio.move_on_after(30) as grace:
         async with trio.open_nursery() as nursery:
             handler = start(nursery, peer.server_stream(), Config(write_timeout=30))
             peer.send(b"never read\n")
+            await trio.sleep_forever()  # until the grace ends, with the write deadline
     assert grace.cancelled_caught
     assert handler.stats is None  # run() raised Cancelled
     assert handler.connection.stats is not None

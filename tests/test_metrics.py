@@ -397,11 +397,15 @@ async def test_a_worker_that_does_not_answer_in_1_s_is_up_0_and_missing(
 
 
 def test_families_of_several_workers_merge_by_name_each_workers_samples_together() -> None:
+    """A name appears once in an exposition: the supervisor's own family of
+    that name and its workers' are one, the supervisor's samples unlabelled."""
     one = list(counter_registry().collect())
-    merged = em.worker_families([one, None, one])
+    merged = em.worker_families([one, None, one], own=counter_registry().collect())
     names = [family.name for family in merged]
     assert names == ["echosvc_worker_up", "demo_events"]
-    assert [s.labels for s in merged[1].samples] == [{"worker": "0"}, {"worker": "2"}]
+    assert [s.labels for s in merged[1].samples] == [{}, {"worker": "0"}, {"worker": "2"}]
+    text = choose_encoder(OPENMETRICS)[0](_Fixed(merged)).decode()
+    assert families(text, openmetrics=True)["demo_events"].samples == merged[1].samples
 
 
 # --- the scrape handler, on memory streams with a virtual clock ------------------
@@ -703,8 +707,6 @@ def test_a_bad_metrics_value_is_a_usage_error_naming_the_flag() -> None:
     for args, env in [
         (["--metrics", "9180"], {}),
         ([], {"ECHOSVC_METRICS": "localhost:70000"}),
-        # Not yet: the worker protocol does not carry statistics.
-        (["--metrics", "127.0.0.1:0", "--workers", "2"], {}),
     ]:
         done = run_cli("serve", *args, env=env)
         assert done.returncode == 2, (args, env, done.stderr)
@@ -825,30 +827,3 @@ def test_only_a_metrics_socket_or_two_of_them_is_one_clear_line_and_status_1() -
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("echosvc: "), lines
         assert "'metrics'" in lines[0], lines
-
-
-@needs_socket_activate
-async def test_with_workers_the_metrics_socket_is_never_served_as_echo() -> None:
-    """Until the worker protocol carries statistics, a supervisor does not
-    serve the socket named metrics; it must not pass it on as an echo socket."""
-    echo_port, port = free_port(), free_port()
-    argv = ["systemd-socket-activate", "-E", "PATH", "--fdname=echo:metrics"]
-    argv += ["-l", f"127.0.0.1:{echo_port}", "-l", f"127.0.0.1:{port}"]
-    argv += [sys.executable, "-m", "echosvc", "serve"]
-    with trio.fail_after(TIME_LIMIT):
-        async with trio.open_nursery() as nursery:
-            daemon = await Daemon.start(nursery, "--workers", "2", argv=argv, wait_for=None)
-            with trio.fail_after(10):
-                while True:
-                    try:
-                        await eof_connection(echo_port)  # wakes the service
-                        break
-                    except OSError:
-                        await trio.sleep(0.05)
-            await daemon.wait_for("listening", 3)
-            [announced] = [r for r in daemon.events("listening") if "workers" in r]
-            assert announced["addresses"] == [f"127.0.0.1:{echo_port}"]
-            assert any("metrics" in r["reason"] for r in daemon.events("address_ignored"))
-            with pytest.raises(OSError, match="all attempts to connect"):
-                await connect(port)  # refused: nobody holds it any more
-            assert await daemon.stop() == 0

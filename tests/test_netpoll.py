@@ -305,7 +305,8 @@ async def test_a_client_that_never_stops_sending_cannot_starve_another() -> None
                 assert flooder.returncode is None, "served only after the flood gave up"
             finally:
                 flooder.kill()
-                await flooder.wait()
+                with trio.move_on_after(5, shield=True):
+                    await flooder.wait()
             server.shutdown()
 
 

@@ -6,7 +6,8 @@ subprocess. The test makes connections whose fate it knows -- echoed until
 EOF, or cut off by the read deadline -- then asks Prometheus' HTTP API what
 it scraped, so the whole chain is checked by Prometheus' own parser: the
 content negotiation (Prometheus asks for OpenMetrics first), the format, the
-names and the values.
+names and the values -- for one process, and for a supervisor answering for
+its workers, whose figures add up over the ``worker`` label.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import trio
 
 from .support import Daemon, connect, receive_until_eof
 from .test_metrics import eof_connection, http_request, metrics_port
+from .test_metrics_workers import start_with_workers
 from .test_systemd import free_port
 
 TIME_LIMIT = 45
@@ -159,4 +161,35 @@ async def test_prometheus_scrapes_what_echosvc_did(tmp_path: Path) -> None:
                 metadata = await server.get("/api/v1/metadata")
                 assert metadata["echosvc_connection_duration_seconds"][0]["unit"] == "seconds"
                 assert metadata["echosvc_build"][0]["type"] == "info"
+            assert await daemon.stop() == 0
+
+
+@needs_prometheus
+async def test_prometheus_scrapes_every_worker_through_the_supervisor(tmp_path: Path) -> None:
+    """--workers 2: one target, the supervisor, and the sums over ``worker``
+    are what the clients did, whichever worker the kernel gave each to."""
+    with trio.fail_after(TIME_LIMIT):
+        async with trio.open_nursery() as nursery:
+            daemon = await start_with_workers(
+                nursery, "--metrics", "127.0.0.1:0", "--read-timeout", "0.5"
+            )
+            target = f"127.0.0.1:{metrics_port(daemon)}"
+            async with prometheus(tmp_path, [target]) as server:
+                async with trio.open_nursery() as clients:
+                    for _ in range(6):
+                        clients.start_soon(eof_connection, daemon.port)
+                    for _ in range(4):
+                        clients.start_soon(timed_out_connection, daemon.port)
+                await daemon.wait_for("connection_closed", 10)
+                await server.wait_for(f'up{{instance="{target}"}}', 1)
+                await server.wait_for("count(echosvc_worker_up == 1)", 2)
+                await server.wait_for("sum(echosvc_connections_accepted_total)", 10)
+                await server.wait_for(
+                    'sum(echosvc_connections_closed_total{reason="read_timeout"})', 4
+                )
+                await server.wait_for('sum(echosvc_connections_closed_total{reason="eof"})', 6)
+                await server.wait_for("sum(echosvc_connection_duration_seconds_count)", 10)
+                # Each worker's series apart, and the supervisor's process beside them.
+                await server.wait_for("count(count by (worker) (echosvc_lines_total))", 2)
+                await server.wait_for("count(process_resident_memory_bytes)", 3)
             assert await daemon.stop() == 0

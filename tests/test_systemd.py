@@ -132,7 +132,8 @@ async def test_a_socket_that_is_not_listening_is_one_clear_line_and_status_1() -
                     output += await activate.stderr.receive_some()
         finally:
             activate.kill()
-            await activate.wait()
+            with trio.move_on_after(5, shield=True):
+                await activate.wait()
     text = output.decode()
     assert "echosvc: inherited fd 3 is a connected stream socket, not a listening one" in text
     assert "Traceback" not in text

@@ -107,6 +107,25 @@ async def test_serve_udp_lists_udp_addresses_echoes_logs_drops_and_stops() -> No
     assert daemon.events("stopped")[0]["connections_served"] == 1
 
 
+async def test_workers_serve_udp_on_the_port_the_supervisor_picked_and_say_so() -> None:
+    """With --workers the supervisor picks the port (checking UDP is free on
+    it too), lists the UDP addresses in its listening record, and every
+    worker serves UDP there beside TCP."""
+    with trio.fail_after(TIME_LIMIT):
+        async with trio.open_nursery() as nursery:
+            daemon = await Daemon.start(nursery, "--port", "0", "--udp", "--workers", "2")
+            while not (ours := [e for e in daemon.events("listening") if "workers" in e]):
+                await daemon.wait_for("listening", len(daemon.events("listening")) + 1)
+            [listening] = ours  # the supervisor's, for the whole service
+            port = int(listening["addresses"][0].rsplit(":", 1)[1])
+            assert listening["addresses"] == [f"127.0.0.1:{port}", f"udp://127.0.0.1:{port}"]
+            for i in range(8):  # the kernel spreads them over both workers' sockets
+                await udp_echo(port, b"datagram %d" % i)
+            async with await connect(port) as client:
+                await round_trip(client, b"tcp too\n")
+            assert await daemon.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("args", "env", "names"),
     [
