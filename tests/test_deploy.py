@@ -338,6 +338,10 @@ def test_the_alerts_fire_on_the_series_echosvc_exposes(tmp_path: Path) -> None:
         "        values: '0 0 0 0 0 3 3 3 3 3 3'\n"
         '      - series: \'echosvc_event_loop_lag_seconds{job="echosvc",instance="a"}\'\n'
         "        values: '0.001x10'\n"
+        '      - series: \'echosvc_worker_up{job="echosvc",instance="a",worker="0"}\'\n'
+        "        values: '1x10'\n"
+        '      - series: \'echosvc_worker_up{job="echosvc",instance="a",worker="1"}\'\n'
+        "        values: '1 1 1 0 0 0 0 0 0 0 0'\n"
         "    alert_rule_test:\n"
         "      - eval_time: 6m\n"
         "        alertname: EchosvcNearCapacity\n"
@@ -354,6 +358,12 @@ def test_the_alerts_fire_on_the_series_echosvc_exposes(tmp_path: Path) -> None:
         "      - eval_time: 6m\n"
         "        alertname: EchosvcEventLoopLag\n"
         "        exp_alerts: []\n"
+        "      - eval_time: 6m\n"
+        "        alertname: EchosvcWorkerDown\n"
+        "        exp_alerts:\n"
+        "          - exp_labels: {severity: page, job: echosvc, instance: a, worker: '1'}\n"
+        "            exp_annotations:\n"
+        "              summary: 'echosvc at a: worker 1 does not answer'\n"
     )
     result = run_tool("promtool", "test", "rules", "test.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -1110,6 +1120,10 @@ def test_units_run_hardened_under_systemd(tmp_path: Path) -> None:
         log = logs / "echosvc.service.log"
         wait_until(lambda: '"workers": 2' in log.read_text(), "2 workers listening", diagnose)
         expect_echo(ports["socket"], b"to a worker\n", diagnose)
+        # The supervisor serves the socket named metrics, for both workers.
+        text = scrape(ports["metrics"])
+        for worker in ("0", "1"):
+            assert f'echosvc_worker_up{{worker="{worker}"}} 1.0' in text, text
         before = sandbox.show("echosvc.service", "MainPID")
         time.sleep(2.5)
         assert sandbox.show("echosvc.service", "MainPID", "ActiveState") == {
