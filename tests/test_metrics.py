@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from echosvc import CloseReason, Config, ConfigError, Server, __version__, serve
 from echosvc import metrics as em
+from echosvc.workers import REPORT_MAX_BYTES
 
 from .support import Daemon, captured_logs, child_env, connect, receive_until_eof, round_trip
 from .test_cli import run_cli
@@ -349,6 +350,8 @@ async def test_a_snapshot_survives_the_trip_from_a_worker() -> None:
             text = em.encode_families(_Fixed(sent))
             nursery.cancel_scope.cancel()
     assert "\n" not in text  # one line: it travels as one report
+    # ... one datagram the supervisor reads whole, with room to grow.
+    assert len(text.encode()) + 64 < REPORT_MAX_BYTES // 4
     assert em.decode_families(text) == sent
     for garbage in ("", "{}", "[1]", '[{"name": "x"}]', '[{"name":"1","help":"","type":"x"}]'):
         with pytest.raises(ValueError):  # noqa: PT011 -- any ValueError is the contract
