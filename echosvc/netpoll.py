@@ -60,7 +60,12 @@ with only public ``trio.lowlevel`` API:
   wait through Trio's own ``wait_readable`` -- and stops waiting on its
   epoll set. The set keeps collecting edges meanwhile, so a probe four
   times a second counts the sockets that were active; from `ACTIVE_MIN` of
-  them it takes over again. No flag: the load decides.
+  them it takes over again. Only while at most `DIRECT_MAX` sockets are
+  registered, though: a task parked in Trio's own wait holds about 1 KB of
+  Trio's bookkeeping (an ``EpollWaiters``, its dict entry, an abort
+  closure) that a parked registration does not, so a crowd of idle
+  connections stays with the poller, where waiting costs nothing. No flag:
+  the load decides.
 
 A failure of the poller task propagates to the nursery that runs it (the
 server's), instead of leaving connections parked forever.
@@ -92,6 +97,8 @@ BATCH_MIN = 3.0
 ACTIVE_MIN = 8
 WINDOW_S = 1.0
 PROBE_S = 0.25
+# Beyond this many registered sockets the poller never goes direct.
+DIRECT_MAX = 256
 
 
 class Registration:
@@ -281,7 +288,7 @@ class Netpoller:
             while True:
                 if self.direct:
                     await trio.sleep(PROBE_S)
-                    if self.poll_now() >= ACTIVE_MIN:
+                    if self.poll_now() >= ACTIVE_MIN or len(self._registered) > DIRECT_MAX:
                         self.direct = False
                         window_end = trio.current_time() + WINDOW_S
                         window_wakeups = window_events = 0
@@ -296,7 +303,8 @@ class Netpoller:
                     await trio.lowlevel.checkpoint()
                 window_events += events
                 if self._adapt and trio.current_time() >= window_end:
-                    if window_events < BATCH_MIN * window_wakeups:
+                    few = len(self._registered) <= DIRECT_MAX
+                    if few and window_events < BATCH_MIN * window_wakeups:
                         self._go_direct()
                     window_end = trio.current_time() + WINDOW_S
                     window_wakeups = window_events = 0

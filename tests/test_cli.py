@@ -238,6 +238,42 @@ async def test_ctrl_c_at_any_moment_of_start_up_exits_quietly(entry: str) -> Non
     assert 130 in statuses, f"no delay landed in start-up: {statuses}"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_and_sighup_at_any_moment_of_start_up(signum: signal.Signals) -> None:
+    """Before the daemon owns its signals, SIGTERM is a quiet stop with status
+    0 (afterwards, a graceful one), and SIGHUP -- a reload request -- never
+    stops the service: it goes on to listen and serve. The delays start past
+    the interpreter's own first ~20 ms, before which no program has a say."""
+    for delay in (0.1, 0.2, 0.3, 0.45, 0.7, 1.0):
+        daemon_args = ["serve", "--port", "0", "--log-format", "json"]
+        process = await trio.lowlevel.open_process(
+            [*ECHOSVC, *daemon_args],
+            env=child_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        await trio.sleep(delay)
+        process.send_signal(signum)
+        assert process.stderr is not None
+        stderr = b""
+        with trio.fail_after(20):
+            if signum == signal.SIGHUP:  # it must live on, and serve
+                while b'"event": "listening"' not in stderr:
+                    chunk = await process.stderr.receive_some()
+                    assert chunk, f"died after a SIGHUP at {delay} s: {stderr!r}"
+                    stderr += chunk
+                port = int(re.findall(rb'"addresses": \["127.0.0.1:(\d+)"', stderr)[0])
+                async with await connect(port) as client:
+                    await round_trip(client, b"still here\n")
+                process.send_signal(signal.SIGTERM)
+            while chunk := await process.stderr.receive_some():
+                stderr += chunk
+            status = await process.wait()
+        text = stderr.decode()
+        assert status == 0, (delay, status, text)
+        assert "Traceback" not in text, (delay, text)
+
+
 def test_a_port_in_use_is_one_line_and_status_1() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

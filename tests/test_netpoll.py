@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 
+import echosvc.netpoll
 from echosvc import CloseReason, Config, Connection, Server, serve
 from echosvc.netpoll import Netpoller
 from echosvc.socketstream import EchoSocketStream
@@ -245,6 +246,30 @@ async def test_the_load_decides_between_polling_and_trios_own_waits(
                     busy.start_soon(round_trips, client, 150)
                 await trio.sleep(1)
                 assert not poller.direct, "sixteen busy connections: the poller pays"
+            for _, client in pairs:
+                client.shutdown(socket.SHUT_WR)
+        for _, client in pairs:
+            client.close()
+
+
+async def test_a_crowd_of_idle_connections_keeps_the_poller_polling(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One busy connection among many idle ones: the idle crowd would cost
+    Trio's bookkeeping per parked task in direct mode, so the poller stays."""
+    monkeypatch.setattr(echosvc.netpoll, "DIRECT_MAX", 4)
+    async with running_poller(adapt=True) as poller:
+        pairs = [pair(poller) for _ in range(6)]  # more than DIRECT_MAX
+        async with trio.open_nursery() as nursery:
+            for stream, _ in pairs:
+                nursery.start_soon(Connection(stream, Config()).run)
+            busy = pairs[0][1]
+            for i in range(300):  # 3 s of one busy connection
+                busy.send(b"%d\n" % i)
+                await trio.lowlevel.wait_readable(busy)
+                assert busy.recv(100) == b"%d\n" % i
+                await trio.sleep(0.01)
+            assert not poller.direct
             for _, client in pairs:
                 client.shutdown(socket.SHUT_WR)
         for _, client in pairs:
