@@ -55,6 +55,8 @@ DISTURBED_PCT = 10.0  # a run where other processes took more of a pinned core i
 # (``env`` and ``taskset`` exec, so ``env -C DIR ...`` is fine): its pid is the one measured.
 SERVERS: dict[str, str] = {
     "go": "{build}/echo-go -host {host} -port {port}",
+    # The floor: C, one thread, edge-triggered epoll (bench/peers/c/echo_epoll.c).
+    "c-floor": "{build}/echo-epoll -host {host} -port {port}",
     "asyncio-protocol": (
         "{python} {peers}/asyncio_protocol.py --host {host} --port {port} --loop uvloop"
     ),
@@ -77,6 +79,7 @@ SERVERS: dict[str, str] = {
     ),
 }
 DEFAULT_SERVERS = [
+    "c-floor",
     "go",
     "asyncio-protocol",
     "asyncio-streams",
@@ -94,7 +97,9 @@ SERVER_ALIASES: dict[str, list[str]] = {
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "load" (throughput and latency) or "idle" (connections held)
+    # "load" (throughput and latency), "short" (a connection per request: connect,
+    # one line, close) or "idle" (connections held)
+    kind: str
     title: str
     conns: int = 1
     size: int = 64
@@ -111,6 +116,12 @@ def make_scenarios(quick: bool, idle_conns: int | None, max_conns: int | None) -
         Scenario("rr50", "load", "50 connections, request/response, 64 B lines", 50),
         Scenario("pipe50", "load", "50 connections, 16 requests in flight each, 64 B", 50, 64, 16),
         Scenario("big50", "load", "50 connections, request/response, 4 KiB lines", 50, 4096),
+        Scenario(
+            "short50",
+            "short",
+            "50 clients, each: connect, one 64 B line and its echo, close; again (per connection)",
+            50,
+        ),
         Scenario(
             "idle10k",
             "idle",
@@ -282,17 +293,35 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------- build
 
 
-def build(notes: list[str]) -> tuple[Path, bool]:
-    """Build the load generator and the Go peer; returns (loadgen path, Go peer built)."""
-    loadgen, echo_go = BUILD / "loadgen", BUILD / "echo-go"
-    go = shutil.which("go")
+# The floor must build warning-free: it is the one peer whose correctness
+# nothing else (no runtime, no library) vouches for.
+CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
+
+
+def build(notes: list[str]) -> tuple[Path, set[str]]:
+    """Build the load generator, the Go peer and the C floor; returns (loadgen path,
+    names of the servers that could not be built)."""
+    loadgen, echo_go, echo_c = BUILD / "loadgen", BUILD / "echo-go", BUILD / "echo-epoll"
     BUILD.mkdir(parents=True, exist_ok=True)
+    missing: set[str] = set()
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        notes.append("no C compiler (`gcc`, `cc`) found: the C floor is skipped")
+        missing.add("c-floor")
+    else:
+        log(f"building {echo_c.relative_to(REPO)}")
+        subprocess.run(
+            [cc, *CFLAGS, "-o", str(echo_c), str(PEERS / "c" / "echo_epoll.c")],
+            check=True,
+            timeout=120,
+        )
+    go = shutil.which("go")
     if go is None:
         notes.append("`go` not found: the Go peer is skipped")
         if not loadgen.exists():
             sys.exit("harness: `go` is needed to build bench/loadgen (none prebuilt)")
         notes.append(f"using the prebuilt {loadgen.relative_to(REPO)}")
-        return loadgen, False
+        return loadgen, missing | {"go"}
     env = {**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off", "CGO_ENABLED": "0"}
     env.setdefault("GOCACHE", str(BUILD / "gocache"))
     for src, out in ((BENCH / "loadgen", loadgen), (PEERS / "go", echo_go)):
@@ -304,7 +333,7 @@ def build(notes: list[str]) -> tuple[Path, bool]:
             check=True,
             timeout=300,
         )
-    return loadgen, True
+    return loadgen, missing
 
 
 # -------------------------------------------------------------------------------- runs
@@ -319,6 +348,11 @@ def loadgen_argv(
         argv += ["-conns", str(sc.conns), "-depth", str(sc.depth)]
         argv += ["-duration", str(st.duration), "-warmup", str(st.warmup)]
         return argv, st.warmup + st.duration + 90
+    if sc.kind == "short":
+        # -sources: see "short50" in bench/README.md (TIME_WAIT, ephemeral ports).
+        argv += ["-short", "-conns", str(sc.conns), "-echo-timeout", str(st.echo_timeout)]
+        argv += ["-duration", str(st.duration), "-warmup", str(st.warmup)]
+        return argv, st.warmup + st.duration + st.echo_timeout + 90
     argv += ["-idle", str(sc.conns), "-hold", str(sc.hold)]
     argv += ["-ramp-timeout", str(st.ramp_timeout), "-echo-timeout", str(st.echo_timeout)]
     return argv, st.ramp_timeout + sc.hold + st.echo_timeout + 90
@@ -401,9 +435,9 @@ def judge(sc: Scenario, lg: dict[str, Any]) -> tuple[str, str]:
     """A run counts when every echo verified; an idle run may hold fewer than requested."""
     if lg.get("mismatches"):
         return "failed", f"{lg['mismatches']} echo mismatches: {lg.get('error_samples')}"
-    if sc.kind == "load" and (lg.get("errors") or lg.get("connected") != sc.conns):
+    if sc.kind in ("load", "short") and (lg.get("errors") or lg.get("connected") != sc.conns):
         return "failed", f"{lg.get('errors')} errors: {lg.get('error_samples')}"
-    if sc.kind == "load" and not lg.get("requests"):
+    if sc.kind in ("load", "short") and not lg.get("requests"):
         return "failed", "no request completed in the window"
     return "ok", ""
 
@@ -449,7 +483,7 @@ def summarize(
             def med(*keys: str, good: list[dict[str, Any]] = good) -> float | None:
                 return median(dig(g, *keys) for g in good)
 
-            if sc.kind == "load":
+            if sc.kind in ("load", "short"):  # for short, a "request" is a connection
                 rps = [g["req_per_s"] for g in good]
                 row |= {
                     "req_per_s": median(rps),
@@ -540,7 +574,9 @@ def render_md(
         " (other processes): above a few percent the run was disturbed. † marks lg core >= 90 %:"
         " the load generator may be the limit and req/s is a lower bound for that server;"
         " ‡ marks other % > 5 (median over rounds)."
-        " Latency runs from a request's write to the last byte of its echo. Idle tables:"
+        " Latency runs from a request's write to the last byte of its echo. Short-connection"
+        " tables count connections (connect, one line, close) where the others count requests:"
+        " latency there runs from socket(2) to the last byte of the echo. Idle tables:"
         " KiB/conn = (server RSS at the end of the hold - RSS before connecting) / connections"
         " held; verified after hold = connections that echoed again after the hold.",
         "",
@@ -550,10 +586,11 @@ def render_md(
         if not rows:
             continue
         out += [f"## {sc.name}: {sc.title}", ""]
-        if sc.kind == "load":
+        if sc.kind in ("load", "short"):
+            unit = "conn" if sc.kind == "short" else "req"
             out += [
-                "| server | req/s | min-max | srv µs/req | core µs/req | srv CPU % | p50 µs "
-                "| p99 µs | lg CPU % | lg core % | other % | RSS MiB | ok runs |",
+                f"| server | {unit}/s | min-max | srv µs/{unit} | core µs/{unit} | srv CPU % "
+                "| p50 µs | p99 µs | lg CPU % | lg core % | other % | RSS MiB | ok runs |",
                 "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
             ]
             for name, r in rows.items():
@@ -600,11 +637,15 @@ def render_md(
         kept = [r for r in disturbed if "run again" not in r.error]
         notes.append(
             f"{len(disturbed)} run(s) were disturbed (other processes used more than "
-            f"{DISTURBED_PCT:g} % of a pinned core) and not counted; each was retried, up to "
+            f"{DISTURBED_PCT:g} % of a pinned core) and left out of the medians where an "
+            "undisturbed attempt exists; each was retried, up to "
             f"{meta['settings'].get('retries', 2)} times"
             + (
-                ". Still disturbed after the retries, so missing from the medians: "
+                ". Still disturbed after the retries: "
                 + "; ".join(f"round {r.round} {r.scenario} {r.server}" for r in kept)
+                # summarize() falls back on them when a row has no undisturbed run
+                + ". A row with no undisturbed run shows the medians of its disturbed"
+                " attempts, marked ‡ (its other % says by how much)"
                 if kept
                 else ""
             )
@@ -659,6 +700,7 @@ def versions(has_go: bool) -> dict[str, str | None]:
             out[dist] = None
     go = run_text(["go", "version"]) if has_go else None
     out["Go"] = go.split()[2].removeprefix("go") if go else None
+    out["gcc"] = run_text(["gcc", "-dumpfullversion"]) if shutil.which("gcc") else None
     echosvc = run_text([sys.executable, "-m", "echosvc", "--version"], timeout=20)
     out["echosvc"] = echosvc.split()[-1] if echosvc else None
     return out
@@ -684,7 +726,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated server names or aliases (default, peers, all); "
         f"default: {','.join(DEFAULT_SERVERS)}",
     )
-    p.add_argument("--scenarios", help="comma-separated: rr1,rr50,pipe50,big50,idle10k,max")
+    p.add_argument("--scenarios", help="comma-separated: rr1,rr50,pipe50,big50,short50,idle10k,max")
     p.add_argument(
         "--extra",
         action="append",
@@ -702,6 +744,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=60.0,
         metavar="S",
         help="before each run wait up to S s for both CPUs to be under 10%% busy (0: don't)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="run a disturbed run again up to N times (default 2; 0 on a machine that stays busy)",
     )
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--loadgen-cpu", type=int, default=1)
@@ -761,9 +810,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers = select_servers(args.servers, extras)
 
     notes: list[str] = []
-    loadgen, has_go = build(notes)
-    if not has_go and "go" in servers:
-        servers.remove("go")
+    loadgen, unbuilt = build(notes)
+    has_go = "go" not in unbuilt
+    servers = [name for name in servers if name not in unbuilt]
     server_cpu: int | None = args.server_cpu
     loadgen_cpu: int | None = args.loadgen_cpu
     cpus = os.sched_getaffinity(0)
@@ -779,6 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_cpu=server_cpu,
         loadgen_cpu=loadgen_cpu,
         wait_quiet=args.wait_quiet,
+        retries=args.retries,
     )
     meta: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -857,8 +907,9 @@ def progress(run: Run) -> str:
             f"{dig(lg, 'server', 'rss_kib_per_conn')} KiB/conn, "
             f"ramp {lg['ramp_s']} s"
         )
+    unit = "conn" if lg.get("mode") == "short" else "req"
     return (
-        f"{lg['req_per_s']:>10,.0f} req/s  srv {dig(lg, 'server', 'cpu_us_per_req')} µs/req  "
+        f"{lg['req_per_s']:>10,.0f} {unit}/s  srv {dig(lg, 'server', 'cpu_us_per_req')} µs/{unit}  "
         f"p99 {dig(lg, 'latency_us', 'p99')} µs  loadgen {lg['loadgen_cpu_pct']}%"
         + (f"  [{run.error}]" if run.status == "disturbed" else "")
     )

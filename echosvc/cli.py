@@ -199,6 +199,14 @@ def serve(
             envvar="ECHOSVC_UDP_RATE", help="Datagrams per second per source (and the burst)."
         ),
     ] = _DEFAULTS.udp_rate,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            envvar="ECHOSVC_METRICS",
+            metavar="HOST:PORT",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics; off: none.",
+        ),
+    ] = "off",
 ) -> None:
     """Run the echo service until SIGTERM or SIGINT (a second one stops at once)."""
     try:
@@ -223,6 +231,7 @@ def serve(
             udp=udp,
             udp_max_bytes=udp_max_bytes,
             udp_rate=udp_rate,
+            metrics=metrics,
         )
     except ConfigError as exc:
         raise typer.BadParameter(exc.message, param_hint=_param_hint(ctx, exc.field)) from None

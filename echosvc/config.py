@@ -158,6 +158,41 @@ def _host_tuple(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _metrics_address(value: object) -> str | None:
+    """``--metrics``: ``HOST:PORT`` (``[v6]:PORT``), or ``off``/empty for none."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError("metrics", f"must be HOST:PORT or off, not {value!r}")
+    if value.strip().lower() in ("", "off"):
+        return None
+    host, port = split_host_port(value)  # raises ConfigError naming the field
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` as ``(host, port)``.
+
+    Raises:
+      ConfigError: (field ``metrics``) not of that form, or the port is out
+          of range. An empty host is refused rather than read as "every
+          address": exposing metrics is a decision to spell out (``0.0.0.0``).
+
+    """
+    host, sep, port = value.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address without brackets: the port is ambiguous
+    if not sep or not host or host != host.strip() or not (port.isascii() and port.isdigit()):
+        raise ConfigError(
+            "metrics", f"must be HOST:PORT (IPv6 as [::1]:9180) or off, not {value!r}"
+        )
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError("metrics", f"port must be between 0 and 65535, not {value!r}")
+    return host, int(port)
+
+
 def _choice(kind: type[_E], field: str, value: object) -> _E:
     try:
         return kind(value)  # type: ignore[arg-type]  # anything else is rejected below
@@ -237,8 +272,9 @@ class Config:
     """Everything that decides how echosvc behaves.
 
     The defaults are DESIGN.md's. A timeout of ``0`` disables that deadline.
-    ``workers``, ``worker_timeout``, ``log_format`` and ``log_level`` are
-    read only by the daemon (`echosvc.daemon`, `echosvc.supervisor`): the library serves in
+    ``workers``, ``worker_timeout``, ``log_format``, ``log_level`` and
+    ``metrics`` are read only by the daemon (`echosvc.daemon`,
+    `echosvc.supervisor`): the library serves in
     the process and task it is given, and never configures logging.
 
     Raises:
@@ -278,6 +314,8 @@ class Config:
     udp: bool = attrs.field(default=False, validator=_flag)
     udp_max_bytes: int = attrs.field(default=1472, validator=_udp_bytes)
     udp_rate: int = attrs.field(default=100, validator=_at_least_one)
+    # The Prometheus endpoint, "host:port"; None: off. Read by the daemon only.
+    metrics: str | None = attrs.field(default=None, converter=_metrics_address)
 
     def evolve(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated."""

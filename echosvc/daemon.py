@@ -21,7 +21,14 @@ its environment (`echosvc.workers` has the protocol): it binds with
 ``SO_REUSEPORT`` (or adopts the sockets the supervisor passed), its notify
 socket is the supervisor's, to which it also reports its counters and sends
 a heartbeat from its loop, and it takes stop and reload requests from its
-supervisor's orders only, never from signals.
+supervisor's orders only, never from signals. A ``stats`` order is
+answered with the worker's metrics (`echosvc.metrics`), for its supervisor's
+endpoint.
+
+With ``--metrics`` (or an inherited socket named ``metrics``) the daemon
+also serves the Prometheus endpoint of `echosvc.metrics`, on listeners of
+its own in the same nursery, from before ``listening`` until the process
+exits: scrapes go on through the shutdown grace.
 """
 
 from __future__ import annotations
@@ -33,17 +40,43 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
 from . import logs, systemd, workers
-from .config import Config, config_from_json
-from .listeners import BindError, adopt_listeners, open_listeners_and_udp, take_datagram_sockets
+from .config import Config, config_from_json, split_host_port
+from .listeners import (
+    BindError,
+    adopt_listeners,
+    format_address,
+    open_listeners,
+    open_listeners_and_udp,
+    take_datagram_sockets,
+)
 from .server import Server, serve
 from .workers import LISTEN_FDS_ENV, WORKER_ENV, StopControl
 
-__all__ = ["Reloads", "raise_open_files_limit", "run", "take_inherited_sockets"]
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+    from .metrics import Source
+
+__all__ = [
+    "METRICS_FD_NAME",
+    "Reloads",
+    "metrics_listeners",
+    "raise_open_files_limit",
+    "run",
+    "split_metrics_socket",
+    "start_metrics",
+    "take_inherited_sockets",
+    "take_inherited_sockets_with_names",
+]
+
+# FileDescriptorName= of the inherited socket that serves the metrics.
+METRICS_FD_NAME = "metrics"
 
 
 def raise_open_files_limit() -> int:
@@ -64,14 +97,54 @@ def take_inherited_sockets() -> list[socket.socket]:
       ValueError: the variables describing them are malformed.
 
     """
+    return [sock for sock, _ in take_inherited_sockets_with_names()]
+
+
+def take_inherited_sockets_with_names() -> list[tuple[socket.socket, str]]:
+    """`take_inherited_sockets`, each with its name (``$LISTEN_FDNAMES``).
+
+    A supervisor passes its workers echo sockets only, named ``"unknown"``.
+
+    Raises:
+      ValueError: the variables describing them are malformed.
+
+    """
     fds = os.environ.pop(LISTEN_FDS_ENV, None)
     if fds:
         try:
             numbers = [int(fd) for fd in fds.split(",")]
         except ValueError:
             raise ValueError(f"{LISTEN_FDS_ENV}={fds!r} is not a list of descriptors") from None
-        return systemd.sockets_from_fds(numbers)
-    return systemd.listen_sockets()
+        return [(sock, "unknown") for sock in systemd.sockets_from_fds(numbers)]
+    return systemd.listen_sockets_with_names()
+
+
+def split_metrics_socket(
+    named: list[tuple[socket.socket, str]],
+) -> tuple[list[socket.socket], socket.socket | None]:
+    """The echo sockets, and the one named `METRICS_FD_NAME` if there is one.
+
+    Raises:
+      ValueError: several sockets are named ``metrics``, it is not a stream
+          socket, or it is the only one passed (nothing to echo on).
+
+    """
+    metrics = [sock for sock, name in named if name == METRICS_FD_NAME]
+    echo = [sock for sock, name in named if name != METRICS_FD_NAME]
+    for sock in metrics:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(
+                f"inherited fd {sock.fileno()} is named {METRICS_FD_NAME!r} but is not a"
+                " stream socket (ListenStream= in the socket unit)"
+            )
+    if len(metrics) > 1:
+        fds = ", ".join(str(sock.fileno()) for sock in metrics)
+        raise ValueError(f"inherited fds {fds} are all named {METRICS_FD_NAME!r}; one at most")
+    if metrics and not echo:
+        raise ValueError(
+            f"the only inherited socket is the one named {METRICS_FD_NAME!r}: nothing to echo on"
+        )
+    return echo, (metrics[0] if metrics else None)
 
 
 def run_worker() -> int:
@@ -99,13 +172,14 @@ def run(config: Config, *, address_given: bool = False) -> int:
     logs.configure(config.log_format, config.log_level, worker=worker)
     raise_open_files_limit()
     try:
-        inherited = take_inherited_sockets()
+        inherited, metrics_socket = split_metrics_socket(take_inherited_sockets_with_names())
         # Datagram sockets (ListenDatagram=) serve the UDP echo.
         udp_inherited, inherited = take_datagram_sockets(inherited)
     except ValueError as exc:
         print(f"echosvc: {exc}", file=sys.stderr)
         return 1
-    return trio.run(_main, config, inherited, address_given, worker, udp_inherited)
+    main = partial(_main, metrics_socket=metrics_socket)
+    return trio.run(main, config, inherited, address_given, worker, udp_inherited)
 
 
 async def _main(
@@ -114,6 +188,8 @@ async def _main(
     address_given: bool,
     worker: int | None,
     udp_inherited: list[socket.socket],
+    *,
+    metrics_socket: socket.socket | None = None,
 ) -> int:
     log = structlog.get_logger("echosvc")
     notifier = systemd.Notifier()
@@ -143,6 +219,15 @@ async def _main(
                 print(f"echosvc: {exc.strerror}", file=sys.stderr)
                 return 1
             activation = "bind"
+        try:
+            metrics_socks = await metrics_listeners(config, metrics_socket)
+        except BindError as exc:
+            print(f"echosvc: --metrics: {exc.strerror}", file=sys.stderr)
+            for listener in listeners:
+                listener.socket.close()
+            for sock in udp_sockets:
+                sock.close()
+            return 1
 
         exit_status = 0
 
@@ -160,6 +245,8 @@ async def _main(
             server: Server = await nursery.start(
                 partial(_serve_then_stop, config, listeners, nursery.cancel_scope, udp_sockets)
             )
+            if metrics_socks:
+                start_metrics(nursery, metrics_socks, _MetricsOf(server, nursery).registry())
             log.info(
                 "listening",
                 addresses=server.addresses,
@@ -191,7 +278,13 @@ async def _main(
                 # KillMode) reaches the supervisor too, which passes it on;
                 # counting it here as well could make one request two.
                 nursery.start_soon(_ignore, signals)
-                await workers.obey(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())), control)
+                stats = _MetricsOf(server, nursery)
+
+                def answer(question: str) -> None:
+                    notifier.send(workers.stats_answer(question, stats.encoded()))
+
+                orders = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+                await workers.obey(orders, control, stats=answer)
                 await trio.sleep_forever()  # until the drain ends
         log.info("stopped", connections_served=server.statistics().served)
         notifier.send(*status())  # a supervisor adds up the final counts
@@ -251,6 +344,74 @@ async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
     await serve(config, listeners=listeners, udp_sockets=udp_sockets, task_status=task_status)
     # Drained: the status reporter, the watchdog and the signal loop go too.
     daemon_scope.cancel()
+
+
+async def metrics_listeners(
+    config: Config, inherited: socket.socket | None
+) -> list[trio.SocketListener]:
+    """The endpoint's listeners: the inherited ``metrics`` socket, or --metrics bound.
+
+    With both, the inherited socket wins and ``address_ignored`` says so.
+    (A worker has neither: its supervisor serves the endpoint.)
+
+    Raises:
+      BindError: ``--metrics`` cannot be bound.
+
+    """
+    if inherited is not None:
+        if config.metrics is not None:
+            structlog.get_logger("echosvc").warning(
+                "address_ignored",
+                reason=f"socket activation: metrics served on the socket named {METRICS_FD_NAME}",
+            )
+        return adopt_listeners([inherited])
+    if config.metrics is None:
+        return []
+    host, port = split_host_port(config.metrics)
+    # Every address the host resolves to, on one port, as --host does.
+    return await open_listeners(Config(hosts=(host,), port=port))
+
+
+class _MetricsOf:
+    """This process's registry (`echosvc.metrics.daemon_registry`), made on first use.
+
+    Imported and made only when asked for: prometheus_client and h11 are
+    start-up time, and the loop monitor ten wake-ups a second, that only a
+    process whose metrics are read should pay. A worker's first ``stats``
+    order starts its monitor, so its lag is measured from its first scrape.
+    """
+
+    def __init__(self, server: Server | None, nursery: trio.Nursery) -> None:
+        self._server = server
+        self._nursery = nursery
+        self._registry: Collector | None = None
+
+    def registry(self) -> Collector:
+        if self._registry is None:
+            from . import metrics
+
+            monitor = metrics.LoopMonitor()
+            self._nursery.start_soon(monitor.run, name="echosvc loop monitor")
+            self._registry = metrics.daemon_registry(self._server, monitor)
+        return self._registry
+
+    def encoded(self) -> str:
+        from . import metrics
+
+        return metrics.encode_families(self.registry())
+
+
+def start_metrics(
+    nursery: trio.Nursery, listeners: list[trio.SocketListener], source: Source
+) -> None:
+    """Serve ``source`` on ``listeners`` in ``nursery``, and log ``metrics_listening``."""
+    from . import metrics
+
+    addresses = [format_address(listener.socket.getsockname()) for listener in listeners]
+    nursery.start_soon(metrics.serve_metrics, listeners, source, name="echosvc metrics")
+    log = structlog.get_logger("echosvc")
+    for address in addresses:
+        log.info("metrics_listening", address=address)
 
 
 async def _ignore(signals: AsyncIterator[int]) -> None:

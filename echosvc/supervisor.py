@@ -40,11 +40,19 @@ wire protocol is `echosvc.workers`) and:
   counts as one that exited. If workers exit unexpectedly 5 times within
   60 s the supervisor stops them all and exits 1 (``workers_failing``): a
   crash loop is for the operator.
+* **answers for every worker** with ``--metrics`` (or an inherited socket
+  named ``metrics``): its endpoint is the service's. Each scrape sends every
+  running worker a ``stats`` order with a fresh id and waits up to 1 s for
+  the report of that id (`echosvc.metrics.WorkersView`): what came back is
+  labelled ``worker``, a worker that did not answer is
+  ``echosvc_worker_up`` 0, and the supervisor's own process and loop are
+  there without a label. Workers bind no metrics address of their own.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import signal
 import socket
@@ -58,7 +66,12 @@ import trio
 
 from . import logs, systemd, workers
 from .config import Config, config_to_json, environment_for
-from .daemon import take_inherited_sockets
+from .daemon import (
+    metrics_listeners,
+    split_metrics_socket,
+    start_metrics,
+    take_inherited_sockets_with_names,
+)
 from .listeners import BindError, format_address, reserve_addresses
 from .udp import format_udp_address
 from .workers import Order, StopControl, Verb
@@ -113,6 +126,15 @@ class _Spawn:
 
 
 @attrs.define(eq=False)
+class _Question:
+    """A ``stats`` order sent to one process, and its answer once it comes."""
+
+    spawn: _Spawn
+    answered: trio.Event = attrs.field(factory=trio.Event)
+    answer: str = ""
+
+
+@attrs.define(eq=False)
 class _Worker:
     index: int
     spawn: _Spawn | None = None  # the current process, spawning or running
@@ -123,18 +145,27 @@ def run(config: Config, *, address_given: bool = False) -> int:
     """Supervise ``config.workers`` worker processes; return the exit status."""
     logs.configure(config.log_format, config.log_level)
     try:
-        inherited = take_inherited_sockets()
+        inherited, metrics_socket = split_metrics_socket(take_inherited_sockets_with_names())
     except ValueError as exc:
         print(f"echosvc: {exc}", file=sys.stderr)
         return 1
-    return trio.run(_Supervisor(config, inherited, address_given).run)
+    return trio.run(_Supervisor(config, inherited, address_given, metrics_socket).run)
 
 
 class _Supervisor:
-    def __init__(self, config: Config, inherited: list[socket.socket], address_given: bool) -> None:
+    def __init__(
+        self,
+        config: Config,
+        inherited: list[socket.socket],
+        address_given: bool,
+        metrics_socket: socket.socket | None = None,
+    ) -> None:
         self.config = config
         self.inherited = inherited
         self.address_given = address_given
+        self.metrics_socket = metrics_socket
+        self.questions: dict[int, _Question] = {}
+        self.question_ids = itertools.count(1)
         self.log = structlog.get_logger("echosvc")
         self.notifier = systemd.Notifier()
         self.workers = [_Worker(index) for index in range(config.workers)]
@@ -178,9 +209,18 @@ class _Supervisor:
             if self.config.udp and not self.inherited:  # the workers bind UDP there too
                 self.addresses += [format_udp_address(sock.getsockname()) for sock in held]
             port: int = held[0].getsockname()[1]
+            try:
+                metrics_socks = await metrics_listeners(self.config, self.metrics_socket)
+            except BindError as exc:
+                print(f"echosvc: --metrics: {exc.strerror}", file=sys.stderr)
+                for sock in held:
+                    sock.close()
+                return 1
 
             async with trio.open_nursery() as service:
                 service.start_soon(self.control.watch_signals, signals)
+                if metrics_socks:
+                    self._serve_metrics(service, metrics_socks)
                 async with trio.open_nursery() as slots:
                     for worker in self.workers:
                         slots.start_soon(self._keep_running, worker, port, service)
@@ -252,7 +292,8 @@ class _Supervisor:
     async def _spawn_and_wait(
         self, worker: _Worker, spawn: _Spawn, port: int, notify_socket: str
     ) -> None:
-        own = attrs.evolve(self.config, port=port, workers=1)
+        # The metrics endpoint is the supervisor's alone: workers bind none.
+        own = attrs.evolve(self.config, port=port, workers=1, metrics=None)
         env = workers.worker_environment(
             os.environ,
             environment_for(own),
@@ -324,6 +365,11 @@ class _Supervisor:
                 spawn.active = report.active
             if report.served is not None:
                 spawn.served = report.served
+            if report.stats is not None:
+                question = self.questions.get(report.stats[0])
+                if question is not None and question.spawn is spawn:
+                    question.answer = report.stats[1]
+                    question.answered.set()
             if report.ready and not spawn.ready:
                 spawn.ready = True
                 self._announce_once_all_ready(service)
@@ -401,6 +447,34 @@ class _Supervisor:
         self.log.info("reload_requested", signal=signal_name, workers=len(running))
         for process in running:
             workers.send_order(process, Order(Verb.RELOAD, signal_name))
+
+    def _serve_metrics(self, service: trio.Nursery, listeners: list[trio.SocketListener]) -> None:
+        # Imported here, as in the daemon: only a supervisor serving metrics pays.
+        from . import metrics
+
+        monitor = metrics.LoopMonitor()
+        service.start_soon(monitor.run, name="echosvc loop monitor")
+        own = metrics.daemon_registry(None, monitor)
+        view = metrics.WorkersView(len(self.workers), self._ask_stats, own)
+        start_metrics(service, listeners, view)
+
+    async def _ask_stats(self, index: int) -> str:
+        """Worker ``index``'s metrics; `OSError` if it has no process to ask.
+
+        Unbounded: the caller (`echosvc.metrics.WorkersView`) holds the deadline.
+        """
+        spawn = self.workers[index].spawn
+        if spawn is None or spawn.process is None:
+            raise ConnectionRefusedError(f"worker {index} is not running")
+        number = next(self.question_ids)
+        question = self.questions[number] = _Question(spawn)
+        try:
+            if not workers.send_order(spawn.process, Order(Verb.STATS, str(number))):
+                raise ConnectionRefusedError(f"worker {index} takes no orders")
+            await question.answered.wait()
+        finally:
+            del self.questions[number]
+        return question.answer
 
     def _active(self) -> int:
         return sum(w.spawn.active for w in self.workers if w.spawn is not None)

@@ -25,6 +25,7 @@ __all__ = [
     "Notifier",
     "keep_watchdog_fed",
     "listen_sockets",
+    "listen_sockets_with_names",
     "report_status",
     "sockets_from_fds",
     "watchdog_interval",
@@ -106,16 +107,36 @@ def listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socke
       ValueError: ``$LISTEN_FDS`` is malformed, or an fd is not a socket.
 
     """
+    return [sock for sock, _ in listen_sockets_with_names(environ)]
+
+
+def listen_sockets_with_names(
+    environ: MutableMapping[str, str] = os.environ,
+) -> list[tuple[socket.socket, str]]:
+    """`listen_sockets`, each with its ``FileDescriptorName=`` (``$LISTEN_FDNAMES``).
+
+    Without ``$LISTEN_FDNAMES`` every name is ``"unknown"``, as
+    sd_listen_fds_with_names(3) has it.
+
+    Raises:
+      ValueError: as `listen_sockets`, or ``$LISTEN_FDNAMES`` does not name
+          as many sockets as ``$LISTEN_FDS`` counts.
+
+    """
     pid = environ.pop("LISTEN_PID", None)
     count = environ.pop("LISTEN_FDS", None)
-    environ.pop("LISTEN_FDNAMES", None)
+    names = environ.pop("LISTEN_FDNAMES", None)
     if pid is None or count is None or pid != str(os.getpid()):
         return []
     try:
         n = int(count)
     except ValueError:
         raise ValueError(f"LISTEN_FDS={count!r} is not a number") from None
-    return sockets_from_fds(range(LISTEN_FDS_START, LISTEN_FDS_START + n))
+    labels = names.split(":") if names else ["unknown"] * n
+    if len(labels) != n:
+        raise ValueError(f"LISTEN_FDNAMES={names!r} does not name LISTEN_FDS={n} sockets")
+    sockets = sockets_from_fds(range(LISTEN_FDS_START, LISTEN_FDS_START + n))
+    return list(zip(sockets, labels, strict=True))
 
 
 def sockets_from_fds(fds: Iterable[int]) -> list[socket.socket]:

@@ -25,11 +25,13 @@ over three channels, all set up by the supervisor at the spawn:
   own, so a report is never credited to the wrong process, and a heartbeat
   a dead one left queued cannot keep its successor alive.
 
-A question that wants an answer -- the metrics issue's statistics snapshot
-within 1 s -- fits as it stands: an order carrying an id (``stats 7``),
-answered by a report of the same id (``X_ECHOSVC_STATS=7 {...}``) on the
-same socket, awaited under a deadline; a worker that cannot answer in time
-is missing from that answer, nothing more. `REPORT_MAX_BYTES` leaves room.
+A question that wants an answer is an order carrying an id: ``stats 7``
+asks for the worker's metrics, answered by a report of the same id on the
+same socket (``X_ECHOSVC_STATS=7 [...]``, the families as one line of JSON,
+`echosvc.metrics.encode_families`). The supervisor awaits it under a
+deadline (1 s, `echosvc.metrics.WORKER_ANSWER_S`); a worker that cannot
+answer in time is missing from that scrape, nothing more. `REPORT_MAX_BYTES`
+leaves room: an answer is about 10 KiB.
 
 The grammar is sans-IO (`OrderDecoder`, `parse_report`); the functions
 around it do each end's I/O. `StopControl`, which turns requests (signals
@@ -68,6 +70,7 @@ __all__ = [
     "parse_report",
     "send_heartbeats",
     "send_order",
+    "stats_answer",
     "worker_argv",
     "worker_environment",
 ]
@@ -84,6 +87,7 @@ HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT = "WATCHDOG=1"
 ACTIVE_KEY = "X_ECHOSVC_ACTIVE"
 SERVED_KEY = "X_ECHOSVC_SERVED"
+STATS_KEY = "X_ECHOSVC_STATS"
 # Far above any report sent today; a statistics snapshot fits. (An AF_UNIX
 # datagram may be this large: the limit is the socket buffer, ~200 KiB.)
 REPORT_MAX_BYTES = 65536
@@ -97,6 +101,7 @@ class Verb(StrEnum):
     STOP = "stop"  # drain, as on a first SIGTERM
     FORCE = "force"  # stop at once, as on a second
     RELOAD = "reload"  # as on SIGHUP
+    STATS = "stats"  # answer with your metrics; the argument is the question's id
 
 
 _VERBS = {verb.value for verb in Verb}
@@ -105,6 +110,7 @@ _VERBS = {verb.value for verb in Verb}
 @attrs.frozen
 class Order:
     verb: Verb
+    # The signal the supervisor got; for ``stats``, the question's id.
     signal: str | None = None
 
     def encode(self) -> bytes:
@@ -137,11 +143,14 @@ class Report:
     heartbeat: bool = False
     active: int | None = None
     served: int | None = None
+    # The answer to a ``stats`` question: its id and the metrics, as sent.
+    stats: tuple[int, str] | None = None
 
 
 def parse_report(datagram: bytes) -> Report:
     ready = heartbeat = False
     active = served = None
+    stats = None
     for assignment in datagram.decode(errors="replace").split("\n"):
         key, _, value = assignment.partition("=")
         if assignment == "READY=1":
@@ -152,7 +161,11 @@ def parse_report(datagram: bytes) -> Report:
             active = int(value)
         elif key == SERVED_KEY and value.isdigit():
             served = int(value)
-    return Report(ready=ready, heartbeat=heartbeat, active=active, served=served)
+        elif key == STATS_KEY:
+            question, _, answer = value.partition(" ")
+            if question.isdigit():
+                stats = (int(question), answer)
+    return Report(ready=ready, heartbeat=heartbeat, active=active, served=served, stats=stats)
 
 
 # --- the supervisor's end ----------------------------------------------------
@@ -239,8 +252,21 @@ async def send_heartbeats(notifier: systemd.Notifier) -> None:
     await systemd.keep_watchdog_fed(notifier, HEARTBEAT_INTERVAL_S)
 
 
-async def obey(orders: trio.abc.ReceiveStream, control: StopControl) -> None:
-    """Carry out the supervisor's orders until its end of the pipe closes, then stop."""
+def stats_answer(question: str, metrics: str) -> str:
+    """The report that answers ``stats QUESTION`` with ``metrics`` (one line)."""
+    return f"{STATS_KEY}={question} {metrics}"
+
+
+async def obey(
+    orders: trio.abc.ReceiveStream,
+    control: StopControl,
+    *,
+    stats: Callable[[str], None] | None = None,
+) -> None:
+    """Carry out the supervisor's orders until its end of the pipe closes, then stop.
+
+    ``stats(question)`` answers a ``stats`` order (without it, none is answered).
+    """
     decoder = OrderDecoder()
     while chunk := await orders.receive_some():
         for order in decoder.feed(chunk):
@@ -250,6 +276,9 @@ async def obey(orders: trio.abc.ReceiveStream, control: StopControl) -> None:
                 if not control.stopping:
                     control.request(order.signal)
                 control.request(order.signal)
+            elif order.verb is Verb.STATS:
+                if stats is not None and order.signal is not None and order.signal.isdigit():
+                    stats(order.signal)
             else:
                 control.reload(order.signal)
     control.request(None, escalate=False)

@@ -113,6 +113,7 @@ def test_a_config_survives_json_exactly_every_field() -> None:
         udp=True,
         udp_max_bytes=512,
         udp_rate=7,
+        metrics="127.0.0.1:9180",
     )
     for config in (Config(), changed):
         assert config_from_json(config_to_json(config)) == config

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import importlib.metadata as metadata
 import json
 import os
@@ -56,7 +57,7 @@ from echosvc.proxyproto import encode_v2
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SERVICES = ["echosvc.service", "echosvc-standalone.service", "echosvc@.service"]
-UNITS = ["echosvc.socket", *SERVICES]
+UNITS = ["echosvc.socket", "echosvc-metrics.socket", *SERVICES]
 INSTALLED_BINARY = "/opt/echosvc/bin/echosvc"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "echosvc"
 ECHOSVC = [sys.executable, "-m", "echosvc"]
@@ -207,6 +208,16 @@ def test_socket_activated_service_needs_its_socket() -> None:
     assert unit_settings("echosvc.socket")["ListenStream"] == ["127.0.0.1:9000"]
 
 
+def test_the_metrics_socket_is_named_for_echosvc_and_on_loopback() -> None:
+    metrics = unit_settings("echosvc-metrics.socket")
+    assert metrics["FileDescriptorName"] == ["metrics"]
+    assert metrics["Service"] == ["echosvc.service"]
+    assert metrics["ListenStream"] == ["127.0.0.1:9180"]
+    # Optional: the service neither requires nor wants it.
+    service = unit_settings("echosvc.service")
+    assert "echosvc-metrics.socket" not in " ".join(service.get("Requires", []))
+
+
 # --- the environment file ----------------------------------------------------------
 
 
@@ -294,6 +305,70 @@ def test_env_file_values_are_accepted(tmp_path: Path) -> None:
         assert stop(process) == 0, log.read_text()
 
 
+# --- Prometheus -----------------------------------------------------------------------
+
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool is not installed (Debian package prometheus)"
+)
+
+
+@needs_promtool
+def test_the_prometheus_config_and_alert_rules_are_valid_as_shipped() -> None:
+    result = run_tool("promtool", "check", "config", DEPLOY / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout, result.stdout
+
+
+@needs_promtool
+def test_the_alerts_fire_on_the_series_echosvc_exposes(tmp_path: Path) -> None:
+    """``promtool test rules``: made-up series under echosvc's names, and the
+    alerts that must (and must not) fire on them."""
+    shutil.copy(DEPLOY / "echosvc-alerts.yml", tmp_path)
+    (tmp_path / "test.yml").write_text(
+        "rule_files: [echosvc-alerts.yml]\n"
+        "evaluation_interval: 1m\n"
+        "tests:\n"
+        "  - interval: 1m\n"
+        "    input_series:\n"
+        '      - series: \'echosvc_connections_active{job="echosvc",instance="a"}\'\n'
+        "        values: '9500x10'\n"
+        '      - series: \'echosvc_connections_limit{job="echosvc",instance="a"}\'\n'
+        "        values: '10000x10'\n"
+        '      - series: \'echosvc_accept_failures_total{job="echosvc",instance="a"}\'\n'
+        "        values: '0 0 0 0 0 3 3 3 3 3 3'\n"
+        '      - series: \'echosvc_event_loop_lag_seconds{job="echosvc",instance="a"}\'\n'
+        "        values: '0.001x10'\n"
+        '      - series: \'echosvc_worker_up{job="echosvc",instance="a",worker="0"}\'\n'
+        "        values: '1x10'\n"
+        '      - series: \'echosvc_worker_up{job="echosvc",instance="a",worker="1"}\'\n'
+        "        values: '1 1 1 0 0 0 0 0 0 0 0'\n"
+        "    alert_rule_test:\n"
+        "      - eval_time: 6m\n"
+        "        alertname: EchosvcNearCapacity\n"
+        "        exp_alerts:\n"
+        "          - exp_labels: {severity: warning, job: echosvc, instance: a}\n"
+        "            exp_annotations:\n"
+        "              summary: echosvc at a serves 95% of its connection limit\n"
+        "      - eval_time: 6m\n"
+        "        alertname: EchosvcAcceptFailures\n"
+        "        exp_alerts:\n"
+        "          - exp_labels: {severity: warning, job: echosvc, instance: a}\n"
+        "            exp_annotations:\n"
+        "              summary: echosvc at a ran out of descriptors or memory in accept()\n"
+        "      - eval_time: 6m\n"
+        "        alertname: EchosvcEventLoopLag\n"
+        "        exp_alerts: []\n"
+        "      - eval_time: 6m\n"
+        "        alertname: EchosvcWorkerDown\n"
+        "        exp_alerts:\n"
+        "          - exp_labels: {severity: page, job: echosvc, instance: a, worker: '1'}\n"
+        "            exp_annotations:\n"
+        "              summary: 'echosvc at a: worker 1 does not answer'\n"
+    )
+    result = run_tool("promtool", "test", "rules", "test.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- HAProxy -------------------------------------------------------------------------
 
 
@@ -343,6 +418,19 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def scrape(port: int, timeout: float = 5.0) -> str:
+    """``GET /metrics`` from 127.0.0.1:port: the body, after a 200."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        body = response.read().decode()
+        assert response.status == 200, body
+        return body
+    finally:
+        connection.close()
 
 
 def echo_once(port: int, line: bytes, timeout: float = 5.0, header: bytes = b"") -> bytes:
@@ -921,6 +1009,9 @@ def write_unit_dir(units: Path, ports: dict[str, int], log_dir: Path) -> None:
         (units / f"{target}.target").write_text(f"[Unit]\nDescription=stand-in {target}\n")
     drop_ins = {
         "echosvc.socket": f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{ports['socket']}\n",
+        "echosvc-metrics.socket": (
+            f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{ports['metrics']}\n"
+        ),
         "echosvc-standalone.service": (
             f"[Service]\nEnvironment=ECHOSVC_PORT={ports['standalone']}\n"
         ),
@@ -944,6 +1035,7 @@ def test_units_run_hardened_under_systemd(tmp_path: Path) -> None:
     cgroup = cgroup2_dir()
     assert cgroup is not None
     ports = {"socket": free_port(), "standalone": free_port(), "instance": free_port()}
+    ports["metrics"] = free_port()
     logs = tmp_path / "logs"
     logs.mkdir(mode=0o755)
     write_unit_dir(tmp_path / "units", ports, logs)
@@ -960,7 +1052,7 @@ def test_units_run_hardened_under_systemd(tmp_path: Path) -> None:
             return "\n".join(parts) + f"\n--- systemd\n{sandbox.console.read_text()[-4000:]}"
 
         # Socket activation: the first connection starts the service.
-        sandbox.run("systemctl", "start", "echosvc.socket")
+        sandbox.run("systemctl", "start", "echosvc.socket", "echosvc-metrics.socket")
         line = b"activated by systemd \x00\xff\r\n"
         expect_echo(ports["socket"], line, diagnose, timeout=START_TIMEOUT)
         record = wait_for_log(logs / "echosvc.service.log", "listening")
@@ -980,6 +1072,14 @@ def test_units_run_hardened_under_systemd(tmp_path: Path) -> None:
         assert fields["Seccomp"] == "2", status
         own_net = sandbox.run("readlink", f"/proc/{pid}/ns/net").stdout
         assert own_net != sandbox.run("readlink", "/proc/1/ns/net").stdout
+
+        # With no network of its own it is scraped on the socket named
+        # metrics, which systemd passed beside the echo socket.
+        record = wait_for_log(logs / "echosvc.service.log", "metrics_listening")
+        assert record["address"] == f"127.0.0.1:{ports['metrics']}"
+        text = scrape(ports["metrics"])
+        assert re.search(r"^echosvc_connections_accepted_total [1-9]", text, re.M), text
+        assert "process_resident_memory_bytes" in text
 
         # WatchdogSec=1s: still the same process after several intervals.
         time.sleep(2.5)
@@ -1020,6 +1120,10 @@ def test_units_run_hardened_under_systemd(tmp_path: Path) -> None:
         log = logs / "echosvc.service.log"
         wait_until(lambda: '"workers": 2' in log.read_text(), "2 workers listening", diagnose)
         expect_echo(ports["socket"], b"to a worker\n", diagnose)
+        # The supervisor serves the socket named metrics, for both workers.
+        text = scrape(ports["metrics"])
+        for worker in ("0", "1"):
+            assert f'echosvc_worker_up{{worker="{worker}"}} 1.0' in text, text
         before = sandbox.show("echosvc.service", "MainPID")
         time.sleep(2.5)
         assert sandbox.show("echosvc.service", "MainPID", "ActiveState") == {

@@ -38,7 +38,7 @@ def test_orders_survive_any_split_and_unknown_verbs_are_skipped() -> None:
     sent = b"".join(
         [
             Order(Verb.RELOAD, "SIGHUP").encode(),
-            b"stats 7\n",  # a verb from a newer supervisor
+            b"scale 7\n",  # a verb from a newer supervisor
             Order(Verb.STOP, "SIGTERM").encode(),
             Order(Verb.FORCE).encode(),
         ]

@@ -5,6 +5,13 @@
 // compared with what was sent, in order; a mismatch is counted, ends that
 // connection and makes the exit status non-zero. Only requests completed
 // inside the measured window (after -warmup, for -duration seconds) count.
+// With -requests N the run is a fixed amount of work instead: N requests over
+// the connections (no warmup; -duration is then the time allowed), for
+// counting what a server does per request (bench/syscalls.py).
+//
+// Short mode (-short): each of -conns clients connects, sends one line,
+// verifies its echo and closes, over and over, for the same window: it
+// measures what a connection costs, not a request.
 //
 // Idle mode (-idle N): open N connections (at most -ramp dials at once, with
 // bounded retries), do one verified echo on each, hold them all idle for -hold
@@ -56,6 +63,9 @@ type config struct {
 	echoTimeout float64
 	rampTimeout float64
 	maxFail     int
+	requests    int
+	short       bool
+	sources     int
 }
 
 // ---------------------------------------------------------------- requests
@@ -348,6 +358,7 @@ type econn struct {
 	seqSent  uint64
 	seqRecv  uint64
 	off      int    // bytes of request seqRecv already verified
+	quota    uint64 // with -requests: requests this connection sends; 0 = no limit
 	out      []byte // bytes queued but not yet accepted by write(2)
 	wantOut  bool   // registered for EPOLLOUT
 	closed   bool
@@ -356,9 +367,9 @@ type econn struct {
 
 func (c *econn) inFlight() uint64 { return c.seqSent - c.seqRecv }
 
-// refill queues new requests until depth are in flight.
+// refill queues new requests until depth are in flight (and no more than quota).
 func (c *econn) refill(depth int, now int64) {
-	for c.inFlight() < uint64(depth) {
+	for c.inFlight() < uint64(depth) && (c.quota == 0 || c.seqSent < c.quota) {
 		slot := c.seqSent % uint64(depth)
 		c.gen.fill(c.expected[slot], c.seqSent)
 		c.sentAt[slot] = now
@@ -521,6 +532,12 @@ func runLoad(cfg *config) (interface{}, bool) {
 		for j := range c.expected {
 			c.expected[j] = make([]byte, cfg.size)
 		}
+		if cfg.requests > 0 { // spread N requests as evenly as the connections allow
+			c.quota = uint64(cfg.requests / cfg.conns)
+			if i < cfg.requests%cfg.conns {
+				c.quota++
+			}
+		}
 		conns = append(conns, c)
 	}
 	connected := len(conns)
@@ -558,6 +575,11 @@ func runLoad(cfg *config) (interface{}, bool) {
 	warmupEnd := int64(secs(cfg.warmup))
 	measureEnd := warmupEnd + int64(secs(cfg.duration))
 	hardEnd := measureEnd + int64(30*time.Second) // a stalled server is an error, not a hang
+	if cfg.requests > 0 {
+		// A fixed amount of work: the window opens at once and closes when the
+		// last request is verified; -duration bounds how long that may take.
+		warmupEnd, measureEnd, hardEnd = 0, math.MaxInt64, int64(secs(cfg.duration))
+	}
 	phase := phaseWarmup
 	var t0, t1 int64
 	var cpu0, cpu1 float64
@@ -614,8 +636,8 @@ func runLoad(cfg *config) (interface{}, bool) {
 		if now > hardEnd {
 			for _, c := range conns {
 				if !c.closed {
-					fail(c, "conn %d: %d requests still in flight 30 s after the window",
-						c.id, c.inFlight())
+					fail(c, "conn %d: %d requests still in flight at the time limit "+
+						"(30 s after the window, or -duration with -requests)", c.id, c.inFlight())
 				}
 			}
 			break
@@ -643,6 +665,10 @@ func runLoad(cfg *config) (interface{}, bool) {
 					closeConn(c)
 					continue
 				}
+				if c.quota > 0 && c.seqRecv == c.quota {
+					closeConn(c) // its share of -requests is done and verified
+					continue
+				}
 				if phase != phaseStop {
 					c.refill(cfg.depth, now)
 				} else if c.inFlight() == 0 {
@@ -656,7 +682,7 @@ func runLoad(cfg *config) (interface{}, bool) {
 		}
 	}
 	syscall.Close(epfd)
-	if t1 == 0 { // the loop ended early (every connection failed)
+	if t1 == 0 { // the loop ended before the window closed: -requests done, or all failed
 		t1, cpu1, srv1, cores1 = clock(), selfCPU(), sampleProc(cfg.serverPid), cpuTimes()
 		if t0 == 0 {
 			t0, cpu0, srv0, cores0 = t1, cpu1, srv1, cores1
@@ -707,8 +733,348 @@ func runLoad(cfg *config) (interface{}, bool) {
 		}
 		rep.Server = s
 	}
+	if cfg.requests > 0 && measured != uint64(cfg.requests) {
+		errs.add("%d of the %d requests asked for were verified", measured, cfg.requests)
+		rep.Errors, rep.ErrorSamples = errs.count, errs.samples
+	}
 	ok := mismatches == 0 && errs.count == 0 && connected == cfg.conns && measured > 0
 	return rep, ok
+}
+
+// -------------------------------------------------------------- short mode
+//
+// Each of -conns clients runs connect, write one request, verify its echo,
+// close, then the next connection, from one thread and one epoll instance as
+// in load mode. A socket is registered once, edge-triggered for both
+// directions: the first EPOLLOUT edge says the connection is established (a
+// failed connect surfaces as the write's error), the EPOLLIN edges bring the
+// echo. Per connection that is socket, [setsockopt, bind,] connect,
+// epoll_ctl, write, read and close, plus a share of epoll_wait.
+//
+// The client closes first, so TIME_WAIT is on the client's side and the
+// server's sockets go away as soon as it closes (LAST_ACK, then gone). At
+// ~15k connections/s a 12 s run leaves ~180k connections in TIME_WAIT (60 s on
+// Linux), far more than the 28,232 ephemeral ports of one source address to
+// one server port. So with -sources N (the default) the sockets are bound,
+// round robin, to N source addresses 127.1.x.y with IP_BIND_ADDRESS_NO_PORT
+// (the port is chosen at connect time, per 4-tuple, not reserved at bind), so
+// each address's port range holds only its share and connect(2) finds a free
+// port at once instead of searching a crowded range. SO_LINGER 0 (closing
+// with a RST, no TIME_WAIT) would avoid all this too, but it changes what the
+// server sees: a reset instead of an orderly EOF.
+
+const ipBindAddressNoPort = 24 // IP_BIND_ADDRESS_NO_PORT, linux/in.h (not in package syscall)
+
+const epollET = 1 << 31 // syscall.EPOLLET is a negative int, which an Events uint32 rejects
+
+const (
+	shortIdle = iota // between connections
+	shortConnecting
+	shortEchoing
+)
+
+type sclient struct {
+	id        int
+	gen       *generator
+	seq       uint64 // connections this client has opened
+	fd        int
+	state     int
+	req       []byte
+	sent      int   // bytes of req written
+	got       int   // bytes of the echo verified
+	startedAt int64 // when socket(2) was called, on the run's clock
+}
+
+// sourceAddrs returns the source addresses for -sources n, or nil for "let
+// the kernel choose" (n = 0, or a server that is not on IPv4 loopback).
+func sourceAddrs(n int, server net.IP) []syscall.SockaddrInet4 {
+	if n <= 0 || server.To4() == nil || !server.IsLoopback() {
+		return nil
+	}
+	out := make([]syscall.SockaddrInet4, n)
+	for i := range out {
+		// 127.1.0.1, 127.1.0.2, ... (x.y never 0 or 255): all of 127/8 is loopback.
+		out[i].Addr = [4]byte{127, 1, byte(i / 254), byte(i%254 + 1)}
+	}
+	return out
+}
+
+type shortReport struct {
+	loadReport
+	Sources     int `json:"sources"`
+	Opened      int `json:"opened"`        // connections opened, warmup and drain included
+	TimeWaitEnd int `json:"time_wait_end"` // sockets in TIME_WAIT system-wide at the end of the window
+}
+
+// timeWait reads the "tw" count of /proc/net/sockstat (-1 if unreadable).
+func timeWait() int {
+	data, err := os.ReadFile("/proc/net/sockstat")
+	if err != nil {
+		return -1
+	}
+	f := strings.Fields(string(data))
+	for i := 0; i+1 < len(f); i++ {
+		if f[i] == "tw" {
+			n, err := strconv.Atoi(f[i+1])
+			if err == nil {
+				return n
+			}
+		}
+	}
+	return -1
+}
+
+func runShort(cfg *config) (interface{}, bool) {
+	errs := &errorLog{}
+	runtime.LockOSThread()
+	raddr, err := net.ResolveTCPAddr("tcp4", cfg.addr)
+	if err != nil || raddr.IP.To4() == nil {
+		fmt.Fprintln(os.Stderr, "loadgen: -short wants an IPv4 host:port:", cfg.addr)
+		os.Exit(2)
+	}
+	server := syscall.SockaddrInet4{Port: raddr.Port}
+	copy(server.Addr[:], raddr.IP.To4())
+	sources := sourceAddrs(cfg.sources, raddr.IP)
+	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "loadgen: epoll_create1:", err)
+		os.Exit(2)
+	}
+
+	clients := make([]*sclient, cfg.conns)
+	byFd := map[int]*sclient{}
+	for i := range clients {
+		clients[i] = &sclient{id: i, gen: newGenerator(i, cfg.size), fd: -1,
+			req: make([]byte, cfg.size)}
+	}
+	start := time.Now()
+	clock := func() int64 { return int64(time.Since(start)) }
+	warmupEnd := int64(secs(cfg.warmup))
+	measureEnd := warmupEnd + int64(secs(cfg.duration))
+	hardEnd := measureEnd + int64(secs(cfg.echoTimeout)) + int64(5*time.Second)
+	echoLimit := int64(secs(cfg.echoTimeout))
+	phase := phaseWarmup
+	var t0, t1 int64
+	var cpu0, cpu1 float64
+	var srv0, srv1 procSample
+	var cores0, cores1 map[string][]uint64
+	var hist histogram
+	var measured, verified, mismatches uint64
+	opened, nextSource, tw := 0, 0, -1
+
+	finish := func(c *sclient) { // close the connection (the client closes first)
+		delete(byFd, c.fd)
+		syscall.Close(c.fd)
+		c.fd, c.state = -1, shortIdle
+	}
+	fail := func(c *sclient, format string, args ...interface{}) {
+		errs.add(format, args...)
+		finish(c)
+	}
+	open := func(c *sclient, now int64) {
+		c.gen.fill(c.req, c.seq)
+		c.seq++
+		c.sent, c.got, c.startedAt = 0, 0, now
+		fd, err := syscall.Socket(syscall.AF_INET,
+			syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			errs.add("client %d: socket: %v", c.id, err)
+			return
+		}
+		if sources != nil {
+			src := sources[nextSource%len(sources)]
+			nextSource++
+			err = syscall.SetsockoptInt(fd, syscall.IPPROTO_IP, ipBindAddressNoPort, 1)
+			if err == nil {
+				err = syscall.Bind(fd, &src)
+			}
+			if err != nil {
+				syscall.Close(fd)
+				errs.add("client %d: binding a source address: %v", c.id, err)
+				return
+			}
+		}
+		if err := syscall.Connect(fd, &server); err != nil && err != syscall.EINPROGRESS {
+			syscall.Close(fd)
+			errs.add("client %d: connect: %v", c.id, err)
+			return
+		}
+		ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP | epollET,
+			Fd: int32(fd)}
+		if err := syscall.EpollCtl(epfd, syscall.EPOLL_CTL_ADD, fd, &ev); err != nil {
+			syscall.Close(fd)
+			errs.add("client %d: epoll_ctl: %v", c.id, err)
+			return
+		}
+		c.fd, c.state = fd, shortConnecting
+		byFd[fd] = c
+		opened++
+	}
+	advance := func(now int64) {
+		if phase == phaseWarmup && now >= warmupEnd {
+			phase = phaseMeasure
+			t0, cpu0, srv0, cores0 = clock(), selfCPU(), sampleProc(cfg.serverPid), cpuTimes()
+		}
+		if phase == phaseMeasure && now >= measureEnd {
+			phase = phaseStop // connections under way finish; no new ones
+			t1, cpu1, srv1, cores1 = clock(), selfCPU(), sampleProc(cfg.serverPid), cpuTimes()
+			tw = timeWait()
+		}
+	}
+
+	now := clock()
+	advance(now)
+	for _, c := range clients {
+		open(c, now)
+	}
+	events := make([]syscall.EpollEvent, 512)
+	rbuf := make([]byte, 2*cfg.size) // room for more than an echo, to catch extra bytes
+	lastSweep := now
+	for len(byFd) > 0 || (phase != phaseStop && errs.count < cfg.maxFail) {
+		timeout := 50
+		if phase == phaseWarmup {
+			if ms := int((warmupEnd-now)/int64(time.Millisecond)) + 1; ms < timeout {
+				timeout = ms
+			}
+		} else if phase == phaseMeasure {
+			if ms := int((measureEnd-now)/int64(time.Millisecond)) + 1; ms < timeout {
+				timeout = ms
+			}
+		}
+		n, err := syscall.EpollWait(epfd, events, timeout)
+		if err != nil && err != syscall.EINTR {
+			fmt.Fprintln(os.Stderr, "loadgen: epoll_wait:", err)
+			os.Exit(2)
+		}
+		now = clock()
+		advance(now)
+		for i := 0; i < n; i++ {
+			c := byFd[int(events[i].Fd)]
+			if c == nil {
+				continue
+			}
+			ev := events[i].Events
+			if c.state == shortConnecting && ev&(syscall.EPOLLOUT|syscall.EPOLLERR|syscall.EPOLLHUP) != 0 {
+				m, err := syscall.Write(c.fd, c.req[c.sent:])
+				if err == syscall.EAGAIN || err == syscall.EINTR {
+					continue // not connected yet, or a spurious edge: wait for the next
+				}
+				if err != nil {
+					fail(c, "client %d: connect or write: %v", c.id, err)
+					continue
+				}
+				c.sent += m
+				if c.sent == len(c.req) {
+					c.state = shortEchoing
+				}
+			}
+			if c.state != shortEchoing || ev&(syscall.EPOLLIN|syscall.EPOLLRDHUP|
+				syscall.EPOLLERR|syscall.EPOLLHUP) == 0 {
+				continue
+			}
+			// Edge-triggered: read until EAGAIN, or a short read (queue drained).
+			for c.state == shortEchoing {
+				m, err := syscall.Read(c.fd, rbuf)
+				if err == syscall.EINTR {
+					continue
+				}
+				if err == syscall.EAGAIN {
+					break
+				}
+				if err != nil {
+					fail(c, "client %d: read after %d of %d echo bytes: %v", c.id, c.got, cfg.size, err)
+					break
+				}
+				if m == 0 {
+					fail(c, "client %d: EOF after %d of %d echo bytes", c.id, c.got, cfg.size)
+					break
+				}
+				if c.got+m > cfg.size || !bytes.Equal(rbuf[:m], c.req[c.got:c.got+m]) {
+					mismatches++
+					want := c.req[c.got:]
+					fail(c, "client %d: echo of connection %d differs at byte %d: got %q want %q",
+						c.id, c.seq-1, c.got, trunc(rbuf[:m]), trunc(want))
+					break
+				}
+				c.got += m
+				if c.got == cfg.size {
+					verified++
+					if phase == phaseMeasure {
+						measured++
+						hist.record(uint64(now - c.startedAt))
+					}
+					finish(c)
+					break
+				}
+				if m < len(rbuf) {
+					break
+				}
+			}
+		}
+		// A connection past -echo-timeout is an error, not a hang (swept every 100 ms).
+		if now-lastSweep > int64(100*time.Millisecond) || now > hardEnd {
+			lastSweep = now
+			for _, c := range clients {
+				if c.state != shortIdle && (now-c.startedAt > echoLimit || now > hardEnd) {
+					fail(c, "client %d: connection %d not echoed after %.1f s (state %d, %d bytes)",
+						c.id, c.seq-1, float64(now-c.startedAt)/1e9, c.state, c.got)
+				}
+			}
+		}
+		if phase != phaseStop && errs.count < cfg.maxFail {
+			for _, c := range clients {
+				if c.state == shortIdle {
+					open(c, now)
+				}
+			}
+		}
+	}
+	syscall.Close(epfd)
+	if t1 == 0 { // stopped before the window closed: too many failures
+		t1, cpu1, srv1, cores1 = clock(), selfCPU(), sampleProc(cfg.serverPid), cpuTimes()
+		if t0 == 0 {
+			t0, cpu0, srv0, cores0 = t1, cpu1, srv1, cores1
+		}
+		errs.add("stopped after %d failures", errs.count)
+	}
+
+	window := float64(t1-t0) / 1e9
+	if window <= 0 {
+		window = 1e-9
+	}
+	rep := shortReport{loadReport: loadReport{
+		Mode: "short", Addr: cfg.addr, Conns: cfg.conns, Connected: cfg.conns,
+		Size: cfg.size, Depth: 1, WarmupS: cfg.warmup, DurationS: math.Round(window*1000) / 1000,
+		Requests: measured, ReqPerS: round2(float64(measured) / window),
+		MBPerS:   round2(float64(measured) * float64(cfg.size) / window / 1e6),
+		Verified: verified, Mismatches: mismatches, Errors: errs.count, ErrorSamples: errs.samples,
+		LoadgenCPUS:   round2(cpu1 - cpu0),
+		LoadgenCPUPct: round2((cpu1 - cpu0) / window * 100),
+		Cores:         coreDelta(cores0, cores1, window, cfg.clkTck, measured),
+	}, Sources: len(sources), Opened: opened, TimeWaitEnd: tw}
+	if rep.ErrorSamples == nil {
+		rep.ErrorSamples = []string{}
+	}
+	if hist.n > 0 {
+		rep.LatencyUs = latencyJSON{
+			P50: round2(hist.quantile(0.50)), P90: round2(hist.quantile(0.90)),
+			P99: round2(hist.quantile(0.99)), P999: round2(hist.quantile(0.999)),
+			Max: round2(float64(hist.max) / 1000), Mean: round2(float64(hist.sum) / float64(hist.n) / 1000),
+		}
+	}
+	if cfg.serverPid > 0 {
+		s := &serverStats{Pid: cfg.serverPid, RSSKiBStart: srv0.rssKiB, RSSKiBEnd: srv1.rssKiB}
+		if srv0.ok && srv1.ok {
+			cpu := float64(srv1.cpuTicks-srv0.cpuTicks) / float64(cfg.clkTck)
+			s.CPUS = fptr(round2(cpu))
+			s.CPUPct = fptr(round2(cpu / window * 100))
+			if measured > 0 {
+				s.CPUUsPerReq = fptr(round2(cpu * 1e6 / float64(measured)))
+			}
+		}
+		rep.Server = s
+	}
+	return rep, mismatches == 0 && errs.count == 0 && measured > 0
 }
 
 // ---------------------------------------------------------------- dialling
@@ -909,11 +1275,16 @@ func main() {
 	flag.Float64Var(&cfg.dialTimeout, "dial-timeout", 5, "seconds per dial attempt")
 	flag.Float64Var(&cfg.echoTimeout, "echo-timeout", 10, "idle mode: seconds allowed per verified echo")
 	flag.Float64Var(&cfg.rampTimeout, "ramp-timeout", 120, "idle mode: seconds allowed to open all connections")
-	flag.IntVar(&cfg.maxFail, "max-failures", 200, "idle mode: stop opening connections after this many failures")
+	flag.IntVar(&cfg.maxFail, "max-failures", 200, "idle and short modes: stop opening connections after this many failures")
+	flag.IntVar(&cfg.requests, "requests", 0, "load mode: send exactly this many requests in all, then stop (no warmup; -duration is the time limit)")
+	flag.BoolVar(&cfg.short, "short", false, "short mode: each of -conns clients connects, echoes one line, closes, again and again")
+	flag.IntVar(&cfg.sources, "sources", 64, "short mode: bind client sockets across this many 127.1.x.y source addresses (0: one, the kernel's choice)")
 	flag.Parse()
 	if cfg.size < 2 || cfg.depth < 1 || cfg.conns < 1 || cfg.duration <= 0 || cfg.warmup < 0 ||
-		cfg.idle < 0 || cfg.ramp < 1 || cfg.clkTck < 1 {
-		fmt.Fprintln(os.Stderr, "loadgen: invalid arguments (size >= 2, depth/conns/ramp >= 1, duration > 0)")
+		cfg.idle < 0 || cfg.ramp < 1 || cfg.clkTck < 1 || cfg.sources < 0 || cfg.sources > 254*254 ||
+		(cfg.requests != 0 && cfg.requests < cfg.conns) || cfg.maxFail < 1 {
+		fmt.Fprintln(os.Stderr, "loadgen: invalid arguments (size >= 2, depth/conns/ramp/max-failures >= 1, "+
+			"duration > 0, 0 <= sources <= 64516, requests 0 or >= conns)")
 		os.Exit(2)
 	}
 	nofile := raiseNofile()
@@ -922,6 +1293,8 @@ func main() {
 	var ok bool
 	if cfg.idle > 0 {
 		rep, ok = runIdle(cfg, nofile)
+	} else if cfg.short {
+		rep, ok = runShort(cfg)
 	} else {
 		rep, ok = runLoad(cfg)
 	}
@@ -938,6 +1311,20 @@ func main() {
 
 func printText(rep interface{}) {
 	switch r := rep.(type) {
+	case shortReport:
+		fmt.Printf("%s  short connections: %d clients, %d-byte line, window %.2fs, %d source addresses\n",
+			r.Addr, r.Conns, r.Size, r.DurationS, r.Sources)
+		fmt.Printf("connections %d  %.0f conn/s  (opened %d, TIME_WAIT at the end %d)\n",
+			r.Requests, r.ReqPerS, r.Opened, r.TimeWaitEnd)
+		fmt.Printf("connect-to-echo us: p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n",
+			r.LatencyUs.P50, r.LatencyUs.P90, r.LatencyUs.P99, r.LatencyUs.P999, r.LatencyUs.Max)
+		fmt.Printf("verified %d  mismatches %d  errors %d  loadgen cpu %.1f%%\n",
+			r.Verified, r.Mismatches, r.Errors, r.LoadgenCPUPct)
+		if r.Server != nil && r.Server.CPUUsPerReq != nil {
+			fmt.Printf("server cpu %.1f%%  %.2f us/conn  rss %d KiB\n",
+				*r.Server.CPUPct, *r.Server.CPUUsPerReq, r.Server.RSSKiBEnd)
+		}
+		printErrors(r.ErrorSamples)
 	case loadReport:
 		fmt.Printf("%s  conns=%d/%d size=%d depth=%d window=%.2fs\n",
 			r.Addr, r.Connected, r.Conns, r.Size, r.Depth, r.DurationS)
