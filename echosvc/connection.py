@@ -258,10 +258,14 @@ class Connection:
             try:
                 # Closed at once, the stream the stages started from too (a
                 # no-op if closed politely). aclose_forcefully closes before
-                # its checkpoint, which re-raises a cancellation from outside.
+                # its checkpoint, which re-raises a cancellation from outside;
+                # the server's own sockets close synchronously, with none.
                 for stream in self._streams():
                     try:
-                        await trio.aclose_forcefully(stream)
+                        if isinstance(stream, EchoSocketStream):
+                            stream.close()
+                        else:
+                            await trio.aclose_forcefully(stream)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
                     except Exception as exc:  # noqa: BLE001 -- logged with the record
@@ -442,6 +446,13 @@ class Connection:
         vanished meanwhile is no error; anything else unexpected is returned,
         to be logged.
         """
+        stream = self._stream
+        if reason is CloseReason.EOF and isinstance(stream, EchoSocketStream):
+            # The peer has sent all it will and every byte was read, so a
+            # plain close() sends our FIN, not a RST: nothing to wait for,
+            # and no scope or scheduler trip per short connection.
+            stream.close()
+            return None
         try:
             with trio.move_on_after(min(self._write_s, LINGER_S)):
                 if reason is not CloseReason.EOF:
