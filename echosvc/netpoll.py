@@ -322,7 +322,7 @@ class Netpoller:
         """The poller task: wake the tasks whose sockets are ready, until cancelled."""
         try:
             fd = self._epoll.fileno()
-            window_end = trio.current_time() + WINDOW_S
+            window_end = 0.0
             window_wakeups = window_events = 0
             while True:
                 if self._failure is not None:
@@ -334,13 +334,17 @@ class Netpoller:
                     # idle server sleeps in epoll_wait instead of waking 4x/s.
                     if not registered or registered > DIRECT_MAX or self.poll_now() >= ACTIVE_MIN:
                         self.direct = False
-                        window_end = trio.current_time() + WINDOW_S
                         window_wakeups = window_events = 0
                     continue
                 await trio.lowlevel.wait_readable(fd)
                 if self._failure is not None:
                     raise self._failure
                 self.wakeups += 1
+                if not window_wakeups:
+                    # A window starts at its first wake-up, not when the
+                    # last one ended: an idle spell before it (start-up,
+                    # a quiet night) is no evidence of small batches.
+                    window_end = trio.current_time() + WINDOW_S
                 window_wakeups += 1
                 while (events := self.poll_now()) == self._max_events:
                     # A full buffer: more may be ready. Let the tasks just
@@ -352,7 +356,6 @@ class Netpoller:
                     few = len(self._registered) <= DIRECT_MAX
                     if few and window_events < BATCH_MIN * window_wakeups:
                         self._go_direct()
-                    window_end = trio.current_time() + WINDOW_S
                     window_wakeups = window_events = 0
         except trio.Cancelled:
             # A failure an abort met while this task was being cancelled is

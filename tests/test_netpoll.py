@@ -333,6 +333,26 @@ async def test_the_load_decides_between_polling_and_trios_own_waits(
             client.close()
 
 
+async def test_an_idle_spell_before_the_first_wake_up_is_no_evidence_of_small_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The measuring window starts at its first wake-up: a server that sat
+    idle after start-up does not go direct on the first line it serves."""
+    async with running_poller(adapt=True) as poller:
+        await trio.sleep(5)  # idle since start-up
+        stream, client = pair(poller)
+        with client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(Connection(stream, Config()).run)
+                for i in range(3):
+                    client.send(b"%d\n" % i)
+                    await trio.lowlevel.wait_readable(client)
+                    assert client.recv(100) == b"%d\n" % i
+                    await trio.sleep(0.1)
+                assert not poller.direct, "three lines in 0.3 s are not a window yet"
+                client.shutdown(socket.SHUT_WR)
+
+
 async def test_a_crowd_of_idle_connections_keeps_the_poller_polling(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
