@@ -20,6 +20,7 @@ and loaded directly.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import ipaddress
 import math
@@ -527,6 +528,12 @@ async def generate_load(
             nursery.cancel_scope.cancel()
         if on_progress is not None:
             on_progress(progress[0])
+        # A polite close: over TLS a close_notify, or the server counts a
+        # truncation (reset) where the bench simply finished.
+        with trio.move_on_after(patience_s):
+            for stream in streams:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.aclose()
     finally:
         for stream in streams:
             await trio.aclose_forcefully(stream)

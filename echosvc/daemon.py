@@ -252,9 +252,9 @@ async def _main(
             exit_status = 1
             nursery.cancel_scope.cancel()
 
-        # Workers report their reloads in their own records; the bracket
-        # for systemd is their supervisor's (echosvc.supervisor).
-        reloads = Reloads(notifier if worker is None else None)
+        # A worker reports each reload done to its supervisor, whose is the
+        # RELOADING=1/READY=1 bracket for systemd (echosvc.supervisor).
+        reloads = Reloads(notifier, worker=worker is not None)
         async with trio.open_nursery() as nursery:
             if worker is not None:
                 # From the loop's first moment: a worker wedged in its
@@ -334,13 +334,16 @@ class Reloads:
     Given a ``notifier``, `run` brackets the hooks with ``RELOADING=1``
     (and ``MONOTONIC_USEC=``, as ``Type=notify-reload`` wants) and
     ``READY=1``, so ``systemctl reload`` returns once the reload is done.
-    With no hooks nothing is sent: there is no reload to wait for.
+    With no hooks nothing is sent: there is no reload to wait for. A
+    worker's (``worker=True``) sends its supervisor ``X_ECHOSVC_RELOADED=1``
+    after the hooks instead (`echosvc.workers.RELOADED`).
     """
 
-    def __init__(self, notifier: systemd.Notifier | None = None) -> None:
+    def __init__(self, notifier: systemd.Notifier | None = None, *, worker: bool = False) -> None:
         self._hooks: list[tuple[str, ReloadHook]] = []
         self._wanted = trio.Event()
         self._notifier = notifier
+        self._worker = worker
         self._log = structlog.get_logger("echosvc")
 
     def add(self, name: str, hook: ReloadHook) -> None:
@@ -359,12 +362,12 @@ class Reloads:
             self._wanted = trio.Event()
             if not self._hooks:
                 continue
-            if self._notifier is not None:
+            if self._notifier is not None and not self._worker:
                 self._notifier.send("RELOADING=1", systemd.monotonic_usec())
             for _, hook in self._hooks:
                 await hook()
             if self._notifier is not None:
-                self._notifier.send("READY=1")
+                self._notifier.send(workers.RELOADED if self._worker else "READY=1")
 
 
 async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
