@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import trio
 
-from .client import LoadReport, LoadShape, ProxyClaim, generate_load, percentile_us
+from .client import LoadReport, LoadShape, ProxyClaim, TLSClient, generate_load, percentile_us
 
 __all__ = ["BenchResult", "run_bench", "run_child"]
 
@@ -82,6 +82,7 @@ async def run_bench(
     processes: int,
     on_progress: Callable[[float, int], None] | None = None,
     proxy: ProxyClaim | None = None,
+    tls: TLSClient | None = None,
 ) -> BenchResult:
     """Run ``shape`` from ``processes`` child processes; merge what they report.
 
@@ -95,6 +96,8 @@ async def run_bench(
     children = _plan(host, port, shape, shares)
     if proxy is not None:
         children = [[*argv, *proxy.argv()] for argv in children]
+    if tls is not None:
+        children = [[*argv, *tls.argv()] for argv in children]
     completed = [0] * len(children)
     reports: list[LoadReport | None] = [None] * len(children)
     ready = [trio.Event() for _ in children]
@@ -195,7 +198,12 @@ async def _all_ready_then_go(
 
 
 def run_child(
-    host: str, port: int, shape: LoadShape, offset: int, proxy: ProxyClaim | None = None
+    host: str,
+    port: int,
+    shape: LoadShape,
+    offset: int,
+    proxy: ProxyClaim | None = None,
+    tls: TLSClient | None = None,
 ) -> None:
     """The child's side: connect, report ready, wait for go, load, report."""
 
@@ -218,6 +226,7 @@ def run_child(
             wait_for_go=wait_for_go,
             on_progress=lambda n: say({"type": "progress", "completed": n}),
             proxy=proxy,
+            tls=tls,
         )
         say({"type": "result", "report": attrs.asdict(report)})
 

@@ -27,11 +27,12 @@ from .client import (
     LoadShape,
     ProbeError,
     ProxyClaim,
+    TLSClient,
     parse_endpoint,
     probe,
     probe_udp,
 )
-from .config import Config, ConfigError, LogFormat, LogLevel, Mode, ProxyProtocol
+from .config import Config, ConfigError, LogFormat, LogLevel, Mode, ProxyProtocol, TLSVersion
 
 __all__ = ["app", "main"]
 
@@ -199,6 +200,44 @@ def serve(
             envvar="ECHOSVC_UDP_RATE", help="Datagrams per second per source (and the burst)."
         ),
     ] = _DEFAULTS.udp_rate,
+    tls_cert: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ECHOSVC_TLS_CERT",
+            metavar="FILE",
+            help="Serve TLS with this PEM certificate chain (it may hold the key too).",
+            show_default="none: plain TCP",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ECHOSVC_TLS_KEY",
+            metavar="FILE",
+            help="The certificate's PEM private key, unencrypted.",
+            show_default="in the --tls-cert file",
+        ),
+    ] = None,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ECHOSVC_TLS_CLIENT_CA",
+            metavar="FILE",
+            help="Require client certificates signed by these CAs (mutual TLS).",
+            show_default="none",
+        ),
+    ] = None,
+    tls_min_version: Annotated[
+        TLSVersion,
+        typer.Option(envvar="ECHOSVC_TLS_MIN_VERSION", help="Oldest TLS version accepted."),
+    ] = _DEFAULTS.tls_min_version,
+    tls_handshake_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="ECHOSVC_TLS_HANDSHAKE_TIMEOUT",
+            help="Seconds for the whole TLS handshake; 0: off.",
+        ),
+    ] = _DEFAULTS.tls_handshake_timeout,
     metrics: Annotated[
         str,
         typer.Option(
@@ -223,6 +262,11 @@ def serve(
             proxy_trusted=_split_commas(proxy_trusted) or _DEFAULTS.proxy_trusted,
             proxy_timeout=proxy_timeout,
             max_per_source=max_per_source,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            tls_min_version=tls_min_version,
+            tls_handshake_timeout=tls_handshake_timeout,
             backlog=backlog,
             workers=_parse_workers(workers),
             worker_timeout=worker_timeout,
@@ -233,8 +277,16 @@ def serve(
             udp_rate=udp_rate,
             metrics=metrics,
         )
+        if config.tls_cert is not None:
+            # Before anything binds: a file that cannot be used is a usage error.
+            from .tls import TLSStage
+
+            TLSStage.from_config(config)
     except ConfigError as exc:
         raise typer.BadParameter(exc.message, param_hint=_param_hint(ctx, exc.field)) from None
+    except ValueError as exc:  # echosvc.tls.TLSLoadError
+        field, message = getattr(exc, "field", "tls_cert"), getattr(exc, "message", str(exc))
+        raise typer.BadParameter(message, param_hint=_param_hint(ctx, field)) from None
     address_given = any(
         getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
         for name in ("host", "port")
@@ -285,6 +337,40 @@ _PROXY_SOURCE_OPTION = typer.Option(
 )
 
 
+_TLS_OPTION = typer.Option(
+    "--tls", help="Speak TLS (after the PROXY header, if any), as to a --tls-cert listener."
+)
+_TLS_CA_OPTION = typer.Option(
+    "--tls-ca",
+    metavar="FILE",
+    help="Verify the server against the CA certificates in this PEM file.",
+    show_default="the system's trust store",
+)
+_TLS_INSECURE_OPTION = typer.Option(
+    "--tls-insecure", help="Do not verify the server's certificate (self-signed test set-ups)."
+)
+
+
+def _tls_client(tls: bool, ca: str | None, insecure: bool) -> TLSClient | None:
+    if not tls:
+        for flag, given in (("'--tls-ca'", ca is not None), ("'--tls-insecure'", insecure)):
+            if given:
+                raise typer.BadParameter("needs --tls", param_hint=flag)
+        return None
+    if ca is not None and insecure:
+        raise typer.BadParameter(
+            "verify against a CA, or not at all: not both",
+            param_hint="'--tls-ca' / '--tls-insecure'",
+        )
+    client = TLSClient(ca=ca, insecure=insecure)
+    try:
+        client.context()
+    except OSError as exc:  # ssl.SSLError is one too
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise typer.BadParameter(f"{ca}: {reason}", param_hint="'--tls-ca'") from None
+    return client
+
+
 def _proxy_claim(version: ProxyProtocol, source: str | None) -> ProxyClaim | None:
     if version is ProxyProtocol.OFF:
         if source is not None:
@@ -319,6 +405,9 @@ def check(
     ] = False,
     proxy_protocol: Annotated[ProxyProtocol, _PROXY_PROTOCOL_OPTION] = ProxyProtocol.OFF,
     proxy_source: Annotated[str | None, _PROXY_SOURCE_OPTION] = None,
+    tls: Annotated[bool, _TLS_OPTION] = False,
+    tls_ca: Annotated[str | None, _TLS_CA_OPTION] = None,
+    tls_insecure: Annotated[bool, _TLS_INSECURE_OPTION] = False,
 ) -> None:
     """Send one random line and expect it back: exit 0 and the round trip, else exit 1."""
     target = host.split(",")[0].strip()
@@ -326,12 +415,15 @@ def check(
     # The UDP echo has no PROXY protocol: with --udp no header is sent (the
     # variable may well be set in an environment shared with the service).
     claim = None if udp else _proxy_claim(proxy_protocol, proxy_source)
+    if udp and tls:
+        raise typer.BadParameter("the UDP echo has no TLS", param_hint="'--tls'")
+    tls_client = _tls_client(tls, tls_ca, tls_insecure)
     try:
         if udp:
             name = "udp://" + (f"[{target}]:{port}" if ":" in target else name)
             elapsed = trio.run(probe_udp, target, port, timeout)
         else:
-            elapsed = trio.run(partial(probe, proxy=claim), target, port, timeout)
+            elapsed = trio.run(partial(probe, proxy=claim, tls=tls_client), target, port, timeout)
     except ProbeError as exc:
         typer.echo(f"echosvc check: {name}: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -363,6 +455,9 @@ def bench(
     ] = False,
     proxy_protocol: Annotated[ProxyProtocol, _PROXY_PROTOCOL_OPTION] = ProxyProtocol.OFF,
     proxy_source: Annotated[str | None, _PROXY_SOURCE_OPTION] = None,
+    tls: Annotated[bool, _TLS_OPTION] = False,
+    tls_ca: Annotated[str | None, _TLS_CA_OPTION] = None,
+    tls_insecure: Annotated[bool, _TLS_INSECURE_OPTION] = False,
     child: Annotated[bool, typer.Option(hidden=True)] = False,
     offset: Annotated[int, typer.Option(hidden=True)] = 0,
 ) -> None:
@@ -380,10 +475,19 @@ def bench(
     )
     target = host.split(",")[0].strip()
     claim = _proxy_claim(proxy_protocol, proxy_source)
+    tls_client = _tls_client(tls, tls_ca, tls_insecure)
     if child:
-        run_child(target, port, shape, offset, claim)
+        run_child(target, port, shape, offset, claim, tls_client)
         return
-    result = trio.run(_bench_with_progress, target, port, shape, min(processes, connections), claim)
+    result = trio.run(
+        _bench_with_progress,
+        target,
+        port,
+        shape,
+        min(processes, connections),
+        claim,
+        tls_client,
+    )
     summary = result.as_dict()
     if as_json:
         typer.echo(json.dumps(summary))
@@ -394,11 +498,16 @@ def bench(
 
 
 async def _bench_with_progress(
-    host: str, port: int, shape: LoadShape, processes: int, proxy: ProxyClaim | None = None
+    host: str,
+    port: int,
+    shape: LoadShape,
+    processes: int,
+    proxy: ProxyClaim | None = None,
+    tls: TLSClient | None = None,
 ) -> BenchResult:
     console = rich.console.Console(stderr=True)
     if not console.is_terminal:
-        return await run_bench(host, port, shape, processes, proxy=proxy)
+        return await run_bench(host, port, shape, processes, proxy=proxy, tls=tls)
     total = shape.warmup + shape.duration
     last = [0.0, 0]
     with rich.live.Live(console=console, auto_refresh=False, transient=True) as live:
@@ -412,7 +521,7 @@ async def _bench_with_progress(
                 refresh=True,
             )
 
-        return await run_bench(host, port, shape, processes, on_progress=show, proxy=proxy)
+        return await run_bench(host, port, shape, processes, on_progress=show, proxy=proxy, tls=tls)
 
 
 def _print_bench_table(host: str, port: int, summary: dict[str, Any]) -> None:

@@ -20,12 +20,14 @@ and loaded directly.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import ipaddress
 import math
 import os
 import secrets
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
 from typing import Any
@@ -41,6 +43,7 @@ __all__ = [
     "LoadShape",
     "ProbeError",
     "ProxyClaim",
+    "TLSClient",
     "generate_load",
     "parse_endpoint",
     "percentile_us",
@@ -136,6 +139,52 @@ def parse_endpoint(text: str) -> proxyproto.Address:
     return str(ip), int(port)
 
 
+@attrs.frozen
+class TLSClient:
+    """How a client speaks TLS to a ``--tls-cert`` listener.
+
+    Attributes:
+      ca: verify the server against the CA certificates in this PEM file;
+          ``None``: against the system's trust store.
+      insecure: verify nothing (self-signed test set-ups); the traffic is
+          still encrypted, but anyone in the middle could read it.
+
+    """
+
+    ca: str | None = None
+    insecure: bool = False
+
+    def context(self) -> ssl.SSLContext:
+        """A client context; raises `OSError` or `ssl.SSLError` for an unusable ``ca``."""
+        context = ssl.create_default_context(cafile=self.ca)
+        if self.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def argv(self) -> list[str]:
+        """The options that make a child process speak the same TLS."""
+        options = ["--tls"]
+        if self.ca is not None:
+            options.append(f"--tls-ca={self.ca}")
+        if self.insecure:
+            options.append("--tls-insecure")
+        return options
+
+
+async def _start_tls(
+    stream: trio.SocketStream, host: str, context: ssl.SSLContext
+) -> trio.SSLStream[trio.SocketStream]:
+    """``stream`` wrapped in TLS, its handshake done; the stream is closed on failure."""
+    tls = trio.SSLStream(stream, context, server_hostname=host)
+    try:
+        await tls.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return tls
+
+
 def _proxy_header(claim: ProxyClaim | None, stream: trio.SocketStream) -> bytes:
     if claim is None:
         return b""
@@ -152,13 +201,15 @@ async def probe(
     timeout: float,  # noqa: ASYNC109
     *,
     proxy: ProxyClaim | None = None,
+    tls: TLSClient | None = None,
 ) -> float:
     """Round-trip one random line through the echo service at ``host:port``.
 
     ``timeout`` bounds the whole probe -- resolve, connect, send, receive --
     which is the contract of a health check, so it is a parameter rather
     than the caller's cancel scope. With ``proxy``, its header goes first,
-    in the same send as the line.
+    in the same send as the line (with ``tls``: in clear, then the
+    handshake, then the line).
 
     Returns:
       The seconds from sending the line to receiving all of its echo.
@@ -169,10 +220,20 @@ async def probe(
     """
     line = b"echosvc-check " + secrets.token_hex(16).encode() + b"\n"
     try:
+        context = tls.context() if tls is not None else None
+    except (OSError, ssl.SSLError) as exc:
+        raise ProbeError(f"--tls-ca {tls.ca if tls else ''}: {exc}") from None
+    try:
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(host, port)
+            tcp = await trio.open_tcp_stream(host, port)
+            header = _proxy_header(proxy, tcp)
+            stream: trio.abc.Stream = tcp
+            if context is not None:
+                if header:
+                    await tcp.send_all(header)
+                    header = b""
+                stream = await _start_tls(tcp, host, context)
             async with stream:
-                header = _proxy_header(proxy, stream)
                 started = trio.current_time()
                 await stream.send_all(header + line)
                 received = b""
@@ -191,6 +252,8 @@ async def probe(
     except OSError as exc:
         raise ProbeError(_describe(exc)) from None
     except trio.BrokenResourceError as exc:
+        if isinstance(exc.__cause__, ssl.SSLError):
+            raise ProbeError(f"TLS: {exc.__cause__}") from None
         raise ProbeError(f"connection broken: {exc.__cause__ or exc}") from None
     if received != line:
         raise ProbeError(f"echo mismatch: sent {line!r}, received {received!r}")
@@ -401,6 +464,7 @@ async def generate_load(
     on_progress: Callable[[int], None] | None = None,
     patience_s: float = 10.0,
     proxy: ProxyClaim | None = None,
+    tls: TLSClient | None = None,
 ) -> LoadReport:
     """Drive ``shape`` against ``host:port`` from this process; verify every echo.
 
@@ -418,20 +482,26 @@ async def generate_load(
           outstanding when the window closes.
       proxy: send this PROXY header on each connection as soon as it is
           connected, before the load starts.
+      tls: speak TLS on each connection (after the PROXY header); the
+          handshakes are done before the load starts.
 
     """
     report = LoadReport()
-    streams: list[trio.SocketStream] = []
+    streams: list[trio.abc.Stream] = []
+    context = tls.context() if tls is not None else None
     try:
         with trio.move_on_after(patience_s):
             for _ in range(shape.connections):
                 try:
-                    stream = await trio.open_tcp_stream(host, port)
-                    streams.append(stream)
+                    tcp = await trio.open_tcp_stream(host, port)
+                    streams.append(tcp)
                     if proxy is not None:
-                        await stream.send_all(_proxy_header(proxy, stream))
+                        await tcp.send_all(_proxy_header(proxy, tcp))
+                    if context is not None:
+                        streams[-1] = await _start_tls(tcp, host, context)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    report.add_error(f"connect: sending the PROXY header: {exc}")
+                    what = "the TLS handshake" if context is not None else "the PROXY header"
+                    report.add_error(f"connect: {what}: {exc.__cause__ or exc}")
                     break
                 except OSError as exc:
                     report.add_error(f"connect: {_describe(exc)}")
@@ -458,6 +528,12 @@ async def generate_load(
             nursery.cancel_scope.cancel()
         if on_progress is not None:
             on_progress(progress[0])
+        # A polite close: over TLS a close_notify, or the server counts a
+        # truncation (reset) where the bench simply finished.
+        with trio.move_on_after(patience_s):
+            for stream in streams:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.aclose()
     finally:
         for stream in streams:
             await trio.aclose_forcefully(stream)

@@ -54,6 +54,13 @@ class ProxyProtocol(StrEnum):
     ANY = "any"
 
 
+class TLSVersion(StrEnum):
+    """The oldest TLS version a handshake may settle on (``--tls-min-version``)."""
+
+    TLS1_2 = "1.2"
+    TLS1_3 = "1.3"
+
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # DESIGN.md: only load balancers on this host may vouch for a client by default.
@@ -259,6 +266,23 @@ def _at_least_zero(inst: object, attribute: attrs.Attribute[int], value: int) ->
         raise ConfigError(attribute.name, f"must be 0 (no limit) or more, not {value!r}")
 
 
+def _tls_version(value: object) -> TLSVersion:
+    return _choice(TLSVersion, "tls_min_version", value)
+
+
+def _path_or_none(value: object) -> str | None:
+    """A file name, or None for unset (an empty variable is unset too)."""
+    if value is None:
+        return None
+    text = str(value)
+    return text if text.strip() else None
+
+
+def _tls_files(inst: Config, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and inst.tls_cert is None:
+        raise ConfigError(attribute.name, "needs a certificate (--tls-cert) to go with it")
+
+
 def _log_format(value: object) -> LogFormat:
     return _choice(LogFormat, "log_format", value)
 
@@ -303,6 +327,15 @@ class Config:
     )
     proxy_timeout: float = attrs.field(default=5.0, validator=_seconds)
     max_per_source: int = attrs.field(default=0, validator=_at_least_zero)
+    # The TLS stage (echosvc.tls): file names, read by the stage (and again
+    # on each reload); no certificate, no TLS.
+    tls_cert: str | None = attrs.field(default=None, converter=_path_or_none)
+    tls_key: str | None = attrs.field(default=None, converter=_path_or_none, validator=_tls_files)
+    tls_client_ca: str | None = attrs.field(
+        default=None, converter=_path_or_none, validator=_tls_files
+    )
+    tls_min_version: TLSVersion = attrs.field(default=TLSVersion.TLS1_3, converter=_tls_version)
+    tls_handshake_timeout: float = attrs.field(default=10.0, validator=_seconds)
     backlog: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_at_least_one)
     )

@@ -13,8 +13,10 @@ everything at once and the process exits 1. ``STATUS=`` and ``WATCHDOG=1``
 are sent until the very end, through the shutdown grace.
 
 SIGHUP is a reload request: it logs ``reload_requested`` and runs the
-`Reloads` hooks, stopping nothing. Nothing registers one yet (the TLS
-certificates will), so today a SIGHUP changes nothing.
+`Reloads` hooks, stopping nothing. The TLS stage registers one (its
+certificates are read again, `echosvc.tls`); without TLS a SIGHUP changes
+nothing. TLS files that cannot be used at start are exit status 2, before
+anything is served.
 
 A worker started by `echosvc.supervisor` is this same daemon, told so by
 its environment (`echosvc.workers` has the protocol): it binds with
@@ -38,7 +40,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -55,6 +57,7 @@ from .listeners import (
     open_listeners_and_udp,
     take_datagram_sockets,
 )
+from .pipeline import Stage, stages_for
 from .server import Server, serve
 from .workers import LISTEN_FDS_ENV, WORKER_ENV, StopControl
 
@@ -178,7 +181,19 @@ def run(config: Config, *, address_given: bool = False) -> int:
     except ValueError as exc:
         print(f"echosvc: {exc}", file=sys.stderr)
         return 1
-    main = partial(_main, metrics_socket=metrics_socket)
+    try:
+        # Before anything is served: TLS files that cannot be used are a
+        # usage error naming the flag (the CLI checked them already; they
+        # may have changed since, or a worker's may differ).
+        stages = stages_for(config)
+    except ValueError as exc:
+        field = getattr(exc, "field", None)
+        flag = "--" + field.replace("_", "-") if isinstance(field, str) else "--tls-cert"
+        print(f"echosvc: {flag}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        for sock in (*inherited, *udp_inherited, *([metrics_socket] if metrics_socket else [])):
+            sock.close()
+        return 2
+    main = partial(_main, metrics_socket=metrics_socket, stages=stages)
     return trio.run(main, config, inherited, address_given, worker, udp_inherited)
 
 
@@ -190,6 +205,7 @@ async def _main(
     udp_inherited: list[socket.socket],
     *,
     metrics_socket: socket.socket | None = None,
+    stages: Sequence[Stage] | None = None,
 ) -> int:
     log = structlog.get_logger("echosvc")
     notifier = systemd.Notifier()
@@ -236,15 +252,23 @@ async def _main(
             exit_status = 1
             nursery.cancel_scope.cancel()
 
-        reloads = Reloads()
+        # A worker reports each reload done to its supervisor, whose is the
+        # RELOADING=1/READY=1 bracket for systemd (echosvc.supervisor).
+        reloads = Reloads(notifier, worker=worker is not None)
         async with trio.open_nursery() as nursery:
             if worker is not None:
                 # From the loop's first moment: a worker wedged in its
                 # start-up is noticed too.
                 nursery.start_soon(workers.send_heartbeats, notifier)
             server: Server = await nursery.start(
-                partial(_serve_then_stop, config, listeners, nursery.cancel_scope, udp_sockets)
+                partial(
+                    _serve_then_stop, config, listeners, nursery.cancel_scope, udp_sockets, stages
+                )
             )
+            for stage in server.stages:
+                hook = getattr(stage, "reload", None)  # the TLS stage's certificates
+                if hook is not None:
+                    reloads.add("tls", hook)
             if metrics_socks:
                 start_metrics(nursery, metrics_socks, _MetricsOf(server, nursery).registry())
             log.info(
@@ -298,21 +322,28 @@ ReloadHook = Callable[[], Awaitable[None]]
 class Reloads:
     """What a reload request (SIGHUP, or a supervisor's ``reload`` order) reloads.
 
-    A part that can reload registers a hook with `add` (the TLS stage will
-    register one that reads its certificates again). `request` logs
+    A part that can reload registers a hook with `add` (the TLS stage
+    registers one that reads its certificates again). `request` logs
     ``reload_requested`` at once, with ``reloads`` naming the hooks (empty:
     there is nothing to reload); `run` calls the hooks in order, one reload
     at a time, and requests that arrive during a reload make one more, not
     one each. A hook reports its own outcome (``tls_reloaded``,
     ``tls_reload_failed``) and keeps what it had when loading fails; an
-    exception out of a hook is a bug and propagates. The systemd
-    ``RELOADING=1``/``READY=1`` bracket belongs around the hooks in `run`,
-    once there are any.
+    exception out of a hook is a bug and propagates.
+
+    Given a ``notifier``, `run` brackets the hooks with ``RELOADING=1``
+    (and ``MONOTONIC_USEC=``, as ``Type=notify-reload`` wants) and
+    ``READY=1``, so ``systemctl reload`` returns once the reload is done.
+    With no hooks nothing is sent: there is no reload to wait for. A
+    worker's (``worker=True``) sends its supervisor ``X_ECHOSVC_RELOADED=1``
+    after the hooks instead (`echosvc.workers.RELOADED`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, notifier: systemd.Notifier | None = None, *, worker: bool = False) -> None:
         self._hooks: list[tuple[str, ReloadHook]] = []
         self._wanted = trio.Event()
+        self._notifier = notifier
+        self._worker = worker
         self._log = structlog.get_logger("echosvc")
 
     def add(self, name: str, hook: ReloadHook) -> None:
@@ -329,8 +360,14 @@ class Reloads:
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()
+            if not self._hooks:
+                continue
+            if self._notifier is not None and not self._worker:
+                self._notifier.send("RELOADING=1", systemd.monotonic_usec())
             for _, hook in self._hooks:
                 await hook()
+            if self._notifier is not None:
+                self._notifier.send(workers.RELOADED if self._worker else "READY=1")
 
 
 async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
@@ -338,10 +375,17 @@ async def _serve_then_stop(  # noqa: ASYNC128 -- serve() calls started()
     listeners: list[trio.SocketListener],
     daemon_scope: trio.CancelScope,
     udp_sockets: list[socket.socket],
+    stages: Sequence[Stage] | None,
     *,
     task_status: trio.TaskStatus[Server],
 ) -> None:
-    await serve(config, listeners=listeners, udp_sockets=udp_sockets, task_status=task_status)
+    await serve(
+        config,
+        listeners=listeners,
+        stages=stages,
+        udp_sockets=udp_sockets,
+        task_status=task_status,
+    )
     # Drained: the status reporter, the watchdog and the signal loop go too.
     daemon_scope.cancel()
 

@@ -138,16 +138,24 @@ def stages_for(config: Config) -> Sequence[Stage]:
     This is the one place that knows the pipeline's order (DESIGN.md: PROXY
     header, per-source limit, TLS handshake, then the echo). The per-source
     limit comes after the PROXY header because it is keyed on the real
-    client the header names. Each call builds new stages: a server's stages
-    (and so its per-source counts) are its own.
+    client the header names, and before the handshake, the costly part.
+    Each call builds new stages: a server's stages (and so its per-source
+    counts and its TLS contexts) are its own.
+
+    Raises:
+      echosvc.tls.TLSLoadError: a ``--tls-*`` file cannot be used.
     """
     # Imported here: the stage modules import this one for `Stage`.
     from .limits import SourceLimitStage
     from .proxyproto import ProxyStage
+    from .tls import TLSStage
 
     stages: list[Stage] = []
     if config.proxy_protocol is not ProxyProtocol.OFF:
         stages.append(ProxyStage.from_config(config))
     if config.max_per_source:
         stages.append(SourceLimitStage(config.max_per_source))
+    if config.tls_cert is not None:
+        # Loads the files: raises echosvc.tls.TLSLoadError if they are unusable.
+        stages.append(TLSStage.from_config(config))
     return tuple(stages)

@@ -532,12 +532,19 @@ async def serve(  # noqa: ASYNC128 -- Server._run calls started()
     Raises:
       echosvc.BindError: if a configured address cannot be bound; raised
           before ``nursery.start`` returns.
+      echosvc.tls.TLSLoadError: the ``tls_*`` files cannot be used (a
+          `ValueError`; its ``field`` names the option); raised before
+          anything is bound.
 
     Resource handling:
       Cancelling the surrounding scope stops everything promptly: listeners
       and connections are closed, and no task outlives the call.
 
     """
+    if stages is None:
+        # Before binding: TLS files that cannot be used are the caller's error
+        # before a port is taken.
+        stages = stages_for(config)
     if listeners is None:
         listeners, bound_udp = await open_listeners_and_udp(config)
         udp_sockets = [*(udp_sockets or ()), *bound_udp]

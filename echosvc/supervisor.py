@@ -27,7 +27,10 @@ wire protocol is `echosvc.workers`) and:
   around the process, which SIGKILLs it (``worker_unresponsive``); it is
   restarted as if it had died.
 * **forwards requests.** SIGTERM/SIGINT and SIGHUP become ``stop``,
-  ``force`` and ``reload`` orders down every worker's stdin. Workers run
+  ``force`` and ``reload`` orders down every worker's stdin. With TLS, a
+  reload is bracketed for systemd: ``RELOADING=1`` when the orders go out,
+  ``READY=1`` once every worker told has reported it done (each logs its
+  own ``tls_reloaded`` or ``tls_reload_failed``) or has exited. Workers run
   in process groups of their own and ignore signals, so that a Ctrl-C, a
   hangup of the terminal or a signal to the whole unit stays one request. A stop
   is a standing order: a worker whose spawn is under way gets it the moment
@@ -105,6 +108,8 @@ class _Spawn:
     spawn_error: OSError | None = None
     killed_at: float | None = None
     ready: bool = False
+    # Told to reload, and not yet reported it done (X_ECHOSVC_RELOADED).
+    reloading: bool = False
     active: int = 0
     served: int = 0
 
@@ -176,6 +181,7 @@ class _Supervisor:
         self.stop_began = trio.Event()
         self.standing_order: Order | None = None
         self.announced = False
+        self.reloading = False  # between RELOADING=1 and its READY=1
         self.addresses: list[str] = []
         self.activation = "bind"
         self.control = StopControl(
@@ -287,6 +293,7 @@ class _Supervisor:
         finally:
             worker.spawn = None
             worker.served_before += spawn.served
+            self._reload_settled()  # it will not report a reload now
         return spawn
 
     async def _spawn_and_wait(
@@ -373,6 +380,9 @@ class _Supervisor:
             if report.ready and not spawn.ready:
                 spawn.ready = True
                 self._announce_once_all_ready(service)
+            if report.reloaded and spawn.reloading:
+                spawn.reloading = False
+                self._reload_settled()
 
     def _announce_once_all_ready(self, service: trio.Nursery) -> None:
         # Synchronous, in the step that saw the last READY=1: no stop can
@@ -445,8 +455,28 @@ class _Supervisor:
             if w.spawn is not None and w.spawn.process is not None
         ]
         self.log.info("reload_requested", signal=signal_name, workers=len(running))
-        for process in running:
-            workers.send_order(process, Order(Verb.RELOAD, signal_name))
+        # With something to reload (TLS), RELOADING=1 now and READY=1 once
+        # every worker told has reported its reload done or has exited.
+        bracket = self.config.tls_cert is not None and self.announced
+        if bracket and not self.reloading:
+            self.reloading = True
+            self.notifier.send("RELOADING=1", systemd.monotonic_usec())
+        for w in self.workers:
+            if w.spawn is None or w.spawn.process is None:
+                continue
+            if workers.send_order(w.spawn.process, Order(Verb.RELOAD, signal_name)) and bracket:
+                w.spawn.reloading = True
+        self._reload_settled()
+
+    def _reload_settled(self) -> None:
+        """Send the READY=1 that closes a reload, once no worker is still at it."""
+        if not self.reloading:
+            return
+        if any(w.spawn is not None and w.spawn.reloading for w in self.workers):
+            return
+        self.reloading = False
+        if not self.stop_began.is_set():  # nothing announced after STOPPING=1
+            self.notifier.send("READY=1", self._status())
 
     def _serve_metrics(self, service: trio.Nursery, listeners: list[trio.SocketListener]) -> None:
         # Imported here, as in the daemon: only a supervisor serving metrics pays.

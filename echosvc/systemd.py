@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, MutableMapping
 
 import trio
@@ -26,6 +27,7 @@ __all__ = [
     "keep_watchdog_fed",
     "listen_sockets",
     "listen_sockets_with_names",
+    "monotonic_usec",
     "report_status",
     "sockets_from_fds",
     "watchdog_interval",
@@ -177,6 +179,12 @@ def _check_servable(sock: socket.socket) -> None:
     raise ValueError(
         f"inherited fd {fd} is {kind} socket; echosvc serves stream and datagram sockets"
     )
+
+
+def monotonic_usec() -> str:
+    """``MONOTONIC_USEC=`` now: what ``RELOADING=1`` carries (sd_notify(3)),
+    so the manager can tell this reload from an earlier one."""
+    return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
 
 
 async def report_status(notifier: Notifier, status: Callable[[], list[str]]) -> None:

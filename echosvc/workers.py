@@ -20,10 +20,13 @@ over three channels, all set up by the supervisor at the spawn:
 * **Reports, up the notify socket**: sd_notify(3) datagrams, exactly what
   the worker would tell systemd (``READY=1``, ``STATUS=``, ``STOPPING=1``),
   plus a ``WATCHDOG=1`` heartbeat every `HEARTBEAT_INTERVAL_S` from the
-  worker's own Trio loop and its counters as ``X_ECHOSVC_*`` (sd_notify
-  leaves ``X_`` names to applications). Every process gets a socket of its
-  own, so a report is never credited to the wrong process, and a heartbeat
-  a dead one left queued cannot keep its successor alive.
+  worker's own Trio loop, its counters as ``X_ECHOSVC_*`` (sd_notify
+  leaves ``X_`` names to applications), and ``X_ECHOSVC_RELOADED=1`` once
+  it has carried out a ``reload`` order that had something to reload (the
+  supervisor's ``READY=1`` after ``RELOADING=1`` waits for every worker's).
+  Every process gets a socket of its own, so a report is never credited to
+  the wrong process, and a heartbeat a dead one left queued cannot keep its
+  successor alive.
 
 A question that wants an answer is an order carrying an id: ``stats 7``
 asks for the worker's metrics, answered by a report of the same id on the
@@ -88,6 +91,8 @@ HEARTBEAT = "WATCHDOG=1"
 ACTIVE_KEY = "X_ECHOSVC_ACTIVE"
 SERVED_KEY = "X_ECHOSVC_SERVED"
 STATS_KEY = "X_ECHOSVC_STATS"
+# A worker has carried out a reload order (its own records say how it went).
+RELOADED = "X_ECHOSVC_RELOADED=1"
 # Far above any report sent today; a statistics snapshot fits. (An AF_UNIX
 # datagram may be this large: the limit is the socket buffer, ~200 KiB.)
 REPORT_MAX_BYTES = 65536
@@ -145,10 +150,11 @@ class Report:
     served: int | None = None
     # The answer to a ``stats`` question: its id and the metrics, as sent.
     stats: tuple[int, str] | None = None
+    reloaded: bool = False
 
 
 def parse_report(datagram: bytes) -> Report:
-    ready = heartbeat = False
+    ready = heartbeat = reloaded = False
     active = served = None
     stats = None
     for assignment in datagram.decode(errors="replace").split("\n"):
@@ -157,6 +163,8 @@ def parse_report(datagram: bytes) -> Report:
             ready = True
         elif assignment == HEARTBEAT:
             heartbeat = True
+        elif assignment == RELOADED:
+            reloaded = True
         elif key == ACTIVE_KEY and value.isdigit():
             active = int(value)
         elif key == SERVED_KEY and value.isdigit():
@@ -165,7 +173,14 @@ def parse_report(datagram: bytes) -> Report:
             question, _, answer = value.partition(" ")
             if question.isdigit():
                 stats = (int(question), answer)
-    return Report(ready=ready, heartbeat=heartbeat, active=active, served=served, stats=stats)
+    return Report(
+        ready=ready,
+        heartbeat=heartbeat,
+        active=active,
+        served=served,
+        stats=stats,
+        reloaded=reloaded,
+    )
 
 
 # --- the supervisor's end ----------------------------------------------------

@@ -114,6 +114,13 @@ class Daemon:
             await self._changed.wait()
         return self.events(name)
 
+    async def wait_until(self, predicate: Callable[[], object]) -> None:
+        """Wait until ``predicate()`` is true, checked after each batch of logs."""
+        while not predicate():
+            if self._logs_ended:
+                raise AssertionError(f"stderr closed, still waiting:\n{self.stderr_text()}")
+            await self._changed.wait()
+
     @property
     def listening(self) -> dict[str, Any]:
         return self.events("listening")[0]

@@ -215,6 +215,11 @@ class Manager:
         while not self.received(assignment) and assignment not in self.statuses():
             await self._arrived.wait()
 
+    async def wait_for_count(self, assignment: str, count: int) -> None:
+        """Wait until ``count`` messages contained ``assignment``."""
+        while len(self.received(assignment)) < count:
+            await self._arrived.wait()
+
 
 @pytest.mark.parametrize("namespace", ["path", "abstract"])
 async def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(

@@ -42,7 +42,15 @@ def test_the_cli_names_its_variables_by_the_rule_workers_are_configured_with() -
     command = typer.main.get_command(app)
     serve = command.commands["serve"]  # type: ignore[attr-defined]
     flags = {param.name: param.envvar for param in serve.params if param.envvar}
-    expected = environment_for(Config(backlog=1, metrics="127.0.0.1:0"))
+    expected = environment_for(
+        Config(
+            backlog=1,
+            metrics="127.0.0.1:0",
+            tls_cert="c.pem",
+            tls_key="k.pem",
+            tls_client_ca="ca.pem",
+        )
+    )
     assert sorted(flags.values()) == sorted(expected)
     assert flags["host"] == "ECHOSVC_HOST"
 
