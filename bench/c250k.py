@@ -62,7 +62,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PORTS_PER_SOURCE = 28_232  # ip_local_port_range 32768-60999; checked at start
 FDS_PER_PROCESS = 19_000  # under the hard RLIMIT_NOFILE of 20,000, with room to spare
-SLABS = ("TCP", "sock_inode_cache", "dentry", "kmalloc-cg-1k", "kmalloc-cg-2k", "eventpoll_epi")
 SYSCTLS = (
     "net/core/somaxconn",
     "net/ipv4/tcp_max_syn_backlog",
@@ -147,7 +146,7 @@ def meminfo_kib(*keys: str) -> dict[str, int]:
 
 
 def slabinfo() -> dict[str, dict[str, int]] | None:
-    """Bytes held by the slabs in SLABS (num_objs x objsize), or None if unreadable."""
+    """Bytes held by every slab cache (num_objs x objsize), or None if unreadable."""
     try:
         lines = Path("/proc/slabinfo").read_text().splitlines()
     except OSError:
@@ -155,9 +154,15 @@ def slabinfo() -> dict[str, dict[str, int]] | None:
     out = {}
     for line in lines[2:]:
         f = line.split()
-        if f and f[0] in SLABS:
+        if len(f) > 3:
             out[f[0]] = {"objs": int(f[2]), "objsize": int(f[3]), "bytes": int(f[2]) * int(f[3])}
     return out
+
+
+def busy_ticks() -> tuple[int, int]:
+    """(busy, all) clock ticks of every CPU together, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return sum(f) - f[3] - f[4], sum(f)
 
 
 def listeners_on(port: int) -> int:
@@ -394,7 +399,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sys.exit(f"c250k: {args.server} could not be built")
     expected_per_worker = args.connections / args.workers
     # SO_REUSEPORT spreads by a hash of the 4-tuple: a worker gets the mean +- a few sqrt.
-    if expected_per_worker + 5 * math.sqrt(expected_per_worker) > args.max_per_process:
+    margin = 0 if args.workers == 1 else 5 * math.sqrt(expected_per_worker)
+    if expected_per_worker + margin > args.max_per_process:
         sys.exit(
             f"c250k: {args.connections} over {args.workers} workers is {expected_per_worker:.0f}"
             f" each, too close to --max-per-process {args.max_per_process}: more --workers"
@@ -493,9 +499,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "how": "descriptors in /proc/PID/fd, minus each worker's own before the ramp",
         }
         time.sleep(max(0.0, args.idle_start - (time.monotonic() - t_hold)))
-        i0, ti0 = server.sample(), time.monotonic()
+        i0, ti0, b0 = server.sample(), time.monotonic(), busy_ticks()
         time.sleep(args.idle_window)
-        i1, ti1 = server.sample(), time.monotonic()
+        i1, ti1, b1 = server.sample(), time.monotonic(), busy_ticks()
         idle_window = ti1 - ti0
         result["idle"] = {
             "window_s": round(idle_window, 2),
@@ -507,6 +513,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if p in i0
             },
             "tick_s": 1 / CLK_TCK,
+            # Every process on the box: the load processes and other sessions included.
+            "machine_busy_cores": round(
+                (b1[0] - b0[0]) / max(1, b1[1] - b0[1]) * (os.cpu_count() or 1), 3
+            ),
         }
         time.sleep(max(0.0, args.hold - (time.monotonic() - t_hold)))
         held = server.sample()
@@ -534,14 +544,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
         }
         if slab0 is not None and slab1 is not None:
-            result["held"]["slab_bytes_per_conn_by_cache"] = {
-                name: round(
-                    (slab1[name]["bytes"] - slab0.get(name, {"bytes": 0})["bytes"])
-                    / max(n_held, 1),
-                    1,
-                )
+            grown = {
+                name: (slab1[name]["bytes"] - slab0.get(name, {"bytes": 0})["bytes"])
+                / max(n_held, 1)
                 for name in slab1
             }
+            top = sorted(grown.items(), key=lambda kv: -kv[1])[:10]
+            result["held"]["slab_bytes_per_conn_by_cache"] = {k: round(v, 1) for k, v in top}
+            # Keep the raw tables small: only the caches that grew.
+            for table in (slab0, slab1):
+                for name in list(table):
+                    if name not in dict(top):
+                        del table[name]
         harness.log(
             f"c250k: held {n_held}, RSS {result['held']['rss_bytes_per_conn']} B/conn,"
             f" idle {result['idle']['server_cores']} cores, spread {min(spread)}-{max(spread)}"
@@ -549,14 +563,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # ---- the echoes after the hold: a burst, then paced
         rounds = []
-        for number, rate in ((1, 0.0), (2, args.paced_rate)):
+        rates = [0.0, *(float(x) for x in args.paced_rate.split(","))]
+        for number, rate in enumerate(rates, 1):
             timeline.phase = "burst" if rate == 0 else "paced"
             per_loader = rate / len(loaders)
-            c0, te0 = cpu_ticks(server.sample()), time.monotonic()
+            c0, te0, busy0 = cpu_ticks(server.sample()), time.monotonic(), busy_ticks()
+            lg0 = sum(float(ld.last.get("loadgen_cpu_s", 0)) for ld in loaders)
             for ld in loaders:
                 ld.order(f"echo {number} {per_loader:.3f}")
             echoed = [ld.wait_for("echoed", n_held / max(rate, 1) + 120) for ld in loaders]
-            c1, te1 = cpu_ticks(server.sample()), time.monotonic()
+            c1, te1, busy1 = cpu_ticks(server.sample()), time.monotonic(), busy_ticks()
+            lg1 = sum(float(e["loadgen_cpu_s"]) for e in echoed)
+            machine = (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]) * (os.cpu_count() or 1)
             lat = [x for e in echoed for x in e.get("latencies_us", [])]
             verified = sum(e["verified"] for e in echoed)
             rounds.append(
@@ -573,6 +591,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         (c1 - c0) / CLK_TCK * 1e6 / max(verified, 1), 1
                     ),
                     "server_cores": round((c1 - c0) / CLK_TCK / max(te1 - te0, 1e-3), 3),
+                    "loadgen_cpu_s": round(lg1 - lg0, 2),
+                    # Both cores' busy time (user+system+softirq...), all processes.
+                    "machine_busy_cores": round(machine, 3),
+                    # Neither the server nor the load: other sessions on this shared box.
+                    "other_cores": round(
+                        machine - ((c1 - c0) / CLK_TCK + lg1 - lg0) / max(te1 - te0, 1e-3), 3
+                    ),
                     "latency": percentiles(lat),
                     "errors": [x for e in echoed for x in e.get("error_samples") or []][:20],
                 }
@@ -608,7 +633,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ok = (
         result.get("ramp", {}).get("verified") == args.connections
         and all(r["verified"] == args.connections for r in result.get("after_hold", []))
-        and len(result.get("after_hold", [])) == 2
+        and len(result.get("after_hold", [])) >= 2
         and result.get("failures_total") == 0
     )
     result["all_verified"] = ok
@@ -667,7 +692,8 @@ def render_md(r: dict[str, Any]) -> str:
             f"| after-hold echo, {rd['kind']}{pace}:"
             f" p50 / p99 / max | {lat.get('p50_ms')} / {lat.get('p99_ms')} /"
             f" {lat.get('max_ms')} ms ({rd['verified']:,} verified in {rd['seconds']} s,"
-            f" {rd['server_cpu_us_per_echo']} µs server CPU per echo) |"
+            f" {rd['server_cpu_us_per_echo']} µs server CPU per echo,"
+            f" server {rd['server_cores']} cores, machine {rd['machine_busy_cores']} cores) |"
         )
     slab = held.get("slab_bytes_per_conn_by_cache")
     if slab:
@@ -690,7 +716,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hold", type=float, default=60.0, help="seconds held idle (default 60)")
     p.add_argument("--idle-start", type=float, default=10.0, help="idle window starts this far in")
     p.add_argument("--idle-window", type=float, default=30.0, help="seconds of idle CPU (>= 10)")
-    p.add_argument("--paced-rate", type=float, default=10_000.0, help="paced round, lines/s")
+    p.add_argument(
+        "--paced-rate", default="10000", help="paced rounds, lines/s over all loaders (a,b,...)"
+    )
     p.add_argument("--max-per-process", type=int, default=FDS_PER_PROCESS)
     p.add_argument("--loaders", type=int, default=0, help="load processes (default N/18000)")
     p.add_argument("--sources-per-loader", type=int, default=4)
@@ -701,6 +729,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=2.0, help="seconds after start-up")
     p.add_argument("--pause", type=float, default=5.0, help="seconds between the two rounds")
     p.add_argument("--out", type=Path, default=None, help="default bench/results/c250k-<N>")
+    p.add_argument(
+        "--series",
+        default=None,
+        help="run each of these connection counts in turn (e.g. 1000,10000,19000,50000),"
+        " with one process up to 19,000 and N/18,000 (rounded up) above; --workers ignored",
+    )
     args = p.parse_args(argv)
     if args.idle_window < 10 or args.idle_start + args.idle_window > args.hold:
         p.error("need --idle-window >= 10 and --idle-start + --idle-window <= --hold")
@@ -709,10 +743,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.series:
+        status = 0
+        for n in (int(x) for x in args.series.split(",")):
+            one = argparse.Namespace(**vars(args))
+            one.connections, one.series, one.out = n, None, None
+            one.workers = 1 if n <= FDS_PER_PROCESS else math.ceil(n / 18_000)
+            status |= run_and_write(one)
+        return status
+    return run_and_write(args)
+
+
+def run_and_write(args: argparse.Namespace) -> int:
     result = run(args)
     out = args.out
     if out is None:
-        k = args.connections // 1000
+        k = f"{args.connections / 1000:g}"
         suffix = "" if args.server == "echosvc" else f"-{args.server}"
         out = harness.BENCH / "results" / f"c250k-{k}k{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
