@@ -1303,6 +1303,10 @@ func main() {
 
 	var rep interface{}
 	var ok bool
+	if many.n > 0 {
+		runMany(cfg)
+		return
+	}
 	if cfg.idle > 0 {
 		rep, ok = runIdle(cfg, nofile)
 	} else if cfg.short {

@@ -35,8 +35,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             await writer.wait_closed()
 
 
-async def main(host: str, port: int) -> None:
-    server = await asyncio.start_server(handle, host, port, limit=MAX_LINE)
+async def main(host: str, port: int, reuse_port: bool = False) -> None:
+    server = await asyncio.start_server(
+        handle, host, port, limit=MAX_LINE, reuse_port=reuse_port or None
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,7 +52,10 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="SO_REUSEPORT: several copies share the port"
+    )
     args = parser.parse_args()
     factory = uvloop.new_event_loop if args.loop == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main(args.host, args.port))
+        runner.run(main(args.host, args.port, args.reuse_port))
