@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import shlex
 import shutil
@@ -121,6 +122,9 @@ class Scenario:
     size: int = 64
     depth: int = 1
     hold: float = 0.0
+    # one write(2) per request (loadgen -split) instead of coalescing the
+    # requests queued on a connection into one
+    split: bool = False
 
 
 def make_scenarios(quick: bool, idle_conns: int | None, max_conns: int | None) -> list[Scenario]:
@@ -131,6 +135,15 @@ def make_scenarios(quick: bool, idle_conns: int | None, max_conns: int | None) -
         Scenario("rr1", "load", "1 connection, request/response, 64 B lines", 1),
         Scenario("rr50", "load", "50 connections, request/response, 64 B lines", 50),
         Scenario("pipe50", "load", "50 connections, 16 requests in flight each, 64 B", 50, 64, 16),
+        Scenario(
+            "pipe50w",
+            "load",
+            "pipe50 with one write per request (never coalesced by the client)",
+            50,
+            64,
+            16,
+            split=True,
+        ),
         Scenario("big50", "load", "50 connections, request/response, 4 KiB lines", 50, 4096),
         Scenario(
             "short50",
@@ -376,6 +389,8 @@ def loadgen_argv(
     if sc.kind == "load":
         argv += ["-conns", str(sc.conns), "-depth", str(sc.depth)]
         argv += ["-duration", str(st.duration), "-warmup", str(st.warmup)]
+        if sc.split:
+            argv.append("-split")
         return argv, st.warmup + st.duration + 90
     if sc.kind == "short":
         # -sources: see "short50" in bench/README.md (TIME_WAIT, ephemeral ports).
@@ -757,7 +772,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated server names or aliases (default, peers, all); "
         f"default: {','.join(DEFAULT_SERVERS)}",
     )
-    p.add_argument("--scenarios", help="comma-separated: rr1,rr50,pipe50,big50,short50,idle10k,max")
+    p.add_argument(
+        "--scenarios",
+        help="comma-separated: rr1,rr50,pipe50,pipe50w,big50,short50,idle10k,max; rrN for any N",
+    )
     p.add_argument(
         "--extra",
         action="append",
@@ -834,6 +852,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.scenarios:
         wanted = [s.strip() for s in args.scenarios.split(",")]
+        known = {sc.name for sc in scenarios}
+        for name in wanted:  # rrN: request/response over N connections, any N
+            if name not in known and (found := re.fullmatch(r"rr([1-9][0-9]*)", name)):
+                n = int(found[1])
+                title = f"{n} connections, request/response, 64 B lines"
+                scenarios.append(Scenario(name, "load", title, n))
         unknown = set(wanted) - {sc.name for sc in scenarios}
         if unknown:
             sys.exit(f"harness: unknown scenario(s) {sorted(unknown)}")

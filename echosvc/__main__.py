@@ -18,13 +18,16 @@ its environment (`echosvc.workers.CONFIG_ENV`): it goes straight into the
 daemon, importing neither the CLI (typer, click) nor rich.
 """
 
-import os
-import signal
-import sys
-from types import FrameType
+try:  # even these few statements are time in which a Ctrl-C can land
+    import os
+    import signal
+    import sys
+    from types import FrameType
 
-# Exit status for a Ctrl-C before anything started.
-INTERRUPTED = 130
+    # Exit status for a Ctrl-C before anything started.
+    INTERRUPTED = 130
+except KeyboardInterrupt:
+    raise SystemExit(130) from None
 
 
 def _stop_before_start(signum: int, frame: FrameType | None) -> None:
@@ -32,19 +35,19 @@ def _stop_before_start(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["serve"]:
-        signal.signal(signal.SIGTERM, _stop_before_start)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        if "_ECHOSVC_CONFIG" in os.environ:  # workers.CONFIG_ENV, without importing it
-            # structlog.dev imports rich whenever it is installed (it is, for
-            # typer and for bench's display), 4 MiB a worker never uses:
-            # None in sys.modules makes that import fail, and structlog
-            # falls back to its own plain rendering.
-            sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
-            from echosvc.daemon import run_worker
-
-            sys.exit(run_worker())
     try:
+        if sys.argv[1:2] == ["serve"]:
+            signal.signal(signal.SIGTERM, _stop_before_start)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            if "_ECHOSVC_CONFIG" in os.environ:  # workers.CONFIG_ENV, without importing it
+                # structlog.dev imports rich whenever it is installed (it is,
+                # for typer and for bench's display), 4 MiB a worker never
+                # uses: None in sys.modules makes that import fail, and
+                # structlog falls back to its own plain rendering.
+                sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+                from echosvc.daemon import run_worker
+
+                sys.exit(run_worker())
         from echosvc.cli import main as cli_main
 
         cli_main()

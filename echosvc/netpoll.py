@@ -91,7 +91,7 @@ _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 # Events taken per epoll_wait: Go's netpoll takes 128.
 MAX_EVENTS = 128
 
-# The measured crossover (bench/RESULTS.md, "The netpoller"): below about
+# The measured crossover (bench/RESULTS.md, "The netpoller's crossover"): below about
 # three events per wake-up the poller costs more than Trio's own waits; from
 # eight connections active within a probe it saves more.
 BATCH_MIN = 3.0
@@ -190,16 +190,23 @@ class Registration:
         """Whether to wait through Trio's own I/O (the poller went direct)."""
         return self._poller.direct
 
-    def close(self) -> None:
+    def close(self, *, unregister: bool = True) -> None:
         """Leave the poller and wake any waiter (with ClosedResourceError).
 
         Call before closing the socket: the descriptor number may be reused
         for the next accepted connection the moment it is closed.
+
+        Args:
+          unregister: take the descriptor out of the epoll set. A caller that
+              closes the socket at once may pass False and save the
+              ``epoll_ctl``: closing the last descriptor of an open file
+              removes it from every epoll set (epoll(7)).
+
         """
         if self.closed:
             return
         self.closed = True
-        self._poller._forget(self)
+        self._poller._forget(self, unregister)
         self._wake_reader()
         self._wake_writer()
 
@@ -228,14 +235,14 @@ class Registration:
     def _abort_reading(self, raise_cancel: object) -> trio.lowlevel.Abort:
         # I/O that is ready now wins over the cancel, as in Trio's own run
         # loop: collect it first; if it woke the reader, the cancel waits.
-        self._poller.poll_now()
+        self._poller._poll_in_abort()
         if self.reader is None:
             return trio.lowlevel.Abort.FAILED  # rescheduled with its readiness
         self.reader = None
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _abort_writing(self, raise_cancel: object) -> trio.lowlevel.Abort:
-        self._poller.poll_now()
+        self._poller._poll_in_abort()
         if self.writer is None:
             return trio.lowlevel.Abort.FAILED
         self.writer = None
@@ -267,6 +274,9 @@ class Netpoller:
         self.direct = False
         self.wakeups = 0
         self.events = 0
+        # An error met while an abort function polled: an abort must not
+        # raise (Trio would crash the run), so it is kept for run() to raise.
+        self._failure: BaseException | None = None
 
     def register(self, sock: socket.socket) -> Registration:
         """Add a connected, non-blocking socket, once, edge-triggered.
@@ -301,22 +311,40 @@ class Netpoller:
         self.events += len(events)
         return len(events)
 
+    def _poll_in_abort(self) -> None:
+        try:
+            self.poll_now()
+        except Exception as exc:  # noqa: BLE001 -- kept, and raised by run()
+            if self._failure is None:
+                self._failure = exc
+
     async def run(self) -> None:
         """The poller task: wake the tasks whose sockets are ready, until cancelled."""
         try:
             fd = self._epoll.fileno()
-            window_end = trio.current_time() + WINDOW_S
+            window_end = 0.0
             window_wakeups = window_events = 0
             while True:
+                if self._failure is not None:
+                    raise self._failure
                 if self.direct:
                     await trio.sleep(PROBE_S)
-                    if self.poll_now() >= ACTIVE_MIN or len(self._registered) > DIRECT_MAX:
+                    registered = len(self._registered)
+                    # With no socket left there is nothing to probe for: an
+                    # idle server sleeps in epoll_wait instead of waking 4x/s.
+                    if not registered or registered > DIRECT_MAX or self.poll_now() >= ACTIVE_MIN:
                         self.direct = False
-                        window_end = trio.current_time() + WINDOW_S
                         window_wakeups = window_events = 0
                     continue
                 await trio.lowlevel.wait_readable(fd)
+                if self._failure is not None:
+                    raise self._failure
                 self.wakeups += 1
+                if not window_wakeups:
+                    # A window starts at its first wake-up, not when the
+                    # last one ended: an idle spell before it (start-up,
+                    # a quiet night) is no evidence of small batches.
+                    window_end = trio.current_time() + WINDOW_S
                 window_wakeups += 1
                 while (events := self.poll_now()) == self._max_events:
                     # A full buffer: more may be ready. Let the tasks just
@@ -328,8 +356,13 @@ class Netpoller:
                     few = len(self._registered) <= DIRECT_MAX
                     if few and window_events < BATCH_MIN * window_wakeups:
                         self._go_direct()
-                    window_end = trio.current_time() + WINDOW_S
                     window_wakeups = window_events = 0
+        except trio.Cancelled:
+            # A failure an abort met while this task was being cancelled is
+            # still the server's error, not something a shutdown hides.
+            if self._failure is not None:
+                raise self._failure from None  # noqa: ASYNC104 -- the error outranks the cancel
+            raise
         finally:
             self._close()
 
@@ -340,10 +373,10 @@ class Netpoller:
             registration._wake_reader()
             registration._wake_writer()
 
-    def _forget(self, registration: Registration) -> None:
+    def _forget(self, registration: Registration, unregister: bool) -> None:
         if self._registered.get(registration.fd) is registration:
             del self._registered[registration.fd]
-            if not self._epoll.closed:
+            if unregister and not self._epoll.closed:
                 with contextlib.suppress(OSError):  # already closed behind our back
                     self._epoll.unregister(registration.fd)
 

@@ -16,6 +16,14 @@ loop first waits for its socket to become readable and only then takes a
 token: a loop idling on a quiet listener must not hold the token that a
 client queued on another listener needs.
 
+An accept loop wakes when its listener is readable and then accepts up to
+`_ACCEPT_BATCH` connections, each under a token of its own, with the plain
+non-blocking ``accept`` until ``EAGAIN``: one readiness wait and one trip
+through the scheduler per burst instead of per connection, as Go's accept
+loop drains the backlog. Accepted sockets inherit ``TCP_NODELAY`` and
+``TCP_NOTSENT_LOWAT`` from the listener, so a connection costs no
+``setsockopt`` either.
+
 Running out of file descriptors (or kernel memory) makes ``accept()`` fail
 while the connection stays queued. The loop backs off -- 5 ms doubling to
 1 s, as Go's ``net/http.Server`` does -- and logs ``accept_paused`` once and
@@ -40,10 +48,11 @@ with the listeners, since a datagram has nothing to drain.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import itertools
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -56,7 +65,7 @@ from .connection import Connection, ConnectionStats
 from .listeners import format_address, open_listeners_and_udp
 from .netpoll import Netpoller
 from .pipeline import Stage, stages_for
-from .socketstream import EchoSocketStream
+from .socketstream import EchoSocketStream, tune
 from .udp import UdpEcho
 
 __all__ = ["DURATION_BUCKETS_S", "DurationHistogram", "Server", "ServerStatistics", "serve"]
@@ -106,6 +115,31 @@ _TASK_NAME = "echosvc connection"
 # Go's http.Server: "if max := 1 * time.Second; tempDelay > max".
 _FIRST_BACKOFF_S = 0.005
 _MAX_BACKOFF_S = 1.0
+
+# Accepts per wake-up of an accept loop (the listen backlog is 4096 at most).
+_ACCEPT_BATCH = 64
+
+
+@contextlib.contextmanager
+def _nonblocking_accept(
+    listener: trio.socket.SocketType,
+) -> Iterator[Callable[[], tuple[socket.socket, Any]]]:
+    """The listener's plain ``accept``, non-blocking, for the accept loop.
+
+    `trio.socket`'s ``accept`` is a checkpoint and wraps each new socket in a
+    `trio.socket.SocketType` that the stream unwraps again; the loop waits for
+    readability itself and needs neither. The listener is tuned here once, so
+    accepted sockets inherit the options (tcp(7)). The stdlib socket shares
+    the descriptor (no dup: a listener costs one descriptor) and is detached,
+    not closed, when the loop ends; the listener still closes it.
+    """
+    sock = socket.socket(listener.family, listener.type, listener.proto, fileno=listener.fileno())
+    try:
+        tune(sock)
+        sock.setblocking(False)
+        yield sock.accept
+    finally:
+        sock.detach()
 
 
 @attrs.frozen
@@ -322,54 +356,91 @@ class Server:
             self.udp.close()
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
-        sock, limiter = listener.socket, self._limiter
+        with _nonblocking_accept(listener.socket) as accept:
+            await self._accept_batches(listener.socket, accept, handlers)
+
+    async def _accept_batches(
+        self,
+        sock: trio.socket.SocketType,
+        accept: Callable[[], tuple[socket.socket, Any]],
+        handlers: trio.Nursery,
+    ) -> None:
+        limiter = self._limiter
         delay = _FIRST_BACKOFF_S
         while True:
             await trio.lowlevel.wait_readable(sock)
-            token = object()
+            token: object | None = object()
             if not limiter.available_tokens and not self._at_capacity:
                 self._at_capacity = True
                 _log.warning(
                     "capacity_reached", active=limiter.borrowed_tokens, limit=limiter.total_tokens
                 )
             await limiter.acquire_on_behalf_of(token)
+            # Up to a batch of accepts per wake-up, as Go's accept loop takes
+            # what the backlog holds: one readiness wait and one trip through
+            # the scheduler serve many connections in a flood. Each accept
+            # holds a token of its own, taken before it, so capacity stays
+            # exact.
+            failure: OSError | None = None
+            accepted = 0
             try:
-                conn_sock, addr = await sock.accept()
-            except OSError as exc:
-                limiter.release_on_behalf_of(token)
-                if exc.errno in _IGNORABLE_ERRNOS:
-                    continue
-                if exc.errno not in _CAPACITY_ERRNOS:
-                    raise
-                self._note_accept_failure(exc, delay)
-            except BaseException:
-                limiter.release_on_behalf_of(token)
-                raise
-            else:
+                for _ in range(_ACCEPT_BATCH):
+                    try:
+                        conn_sock, addr = accept()
+                    except BlockingIOError:
+                        break  # the backlog is empty: wait for the next edge
+                    except OSError as exc:
+                        if exc.errno in _IGNORABLE_ERRNOS:
+                            continue
+                        if exc.errno not in _CAPACITY_ERRNOS:
+                            raise
+                        failure = exc
+                        break
+                    accepted += 1
+                    self._tally.accepted += 1
+                    if self._paused_since is not None:
+                        self._note_accept_resumed()
+                    ticket, token = token, None
+                    self._start(conn_sock, addr, ticket, handlers)
+                    if not limiter.available_tokens:
+                        break  # at capacity: the next wait logs it and blocks
+                    token = object()
+                    limiter.acquire_on_behalf_of_nowait(token)
+            finally:
+                if token is not None:
+                    limiter.release_on_behalf_of(token)
+            if failure is None:
                 delay = _FIRST_BACKOFF_S
-                self._tally.accepted += 1
-                if self._paused_since is not None:
-                    self._note_accept_resumed()
-                self._start(conn_sock, addr, token, handlers)
+                continue
+            if accepted:
+                # Out of descriptors mid-batch: the connections just accepted
+                # hold them, and in a flood most of the backlog is clients
+                # that close at their first read. Let them run and retry soon;
+                # only a failure with nothing accepted is an episode.
+                self._tally.accept_failures += 1
+                await trio.sleep(_FIRST_BACKOFF_S)
                 continue
             # Out of descriptors or memory; the connection is still queued.
             # (The sleep is outside the except block so that a cancellation
             # arriving during it cannot be mistaken for the accept error.)
+            self._note_accept_failure(failure, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, _MAX_BACKOFF_S)
 
-    def _start(
-        self, sock: trio.socket.SocketType, addr: Any, token: object, handlers: trio.Nursery
-    ) -> None:
+    def _start(self, sock: socket.socket, addr: Any, token: object, handlers: trio.Nursery) -> None:
         """Hand an accepted socket to a new handler task; the token comes back
         with the connection in `_connection_closed`, however it ends."""
         try:
-            stream = EchoSocketStream.from_trio_socket(sock, self._netpoller)
+            # Accepted sockets inherit the listener's options (_nonblocking_accept).
+            stream = EchoSocketStream(sock, self._netpoller, tuned=True)
         except trio.ClosedResourceError:
             # The netpoller has stopped, so the server is going down (its
             # failure is serve()'s error): this connection goes with it.
-            self._release(token)
+            self._discard(sock, token)
             return
+        except BaseException:
+            self._discard(sock, token)
+            raise
         connection = Connection(
             stream,
             self.config,
@@ -387,6 +458,10 @@ class Server:
         # suspended frame less for every idle connection. A constant name:
         # trio would format a new string per task.
         handlers.start_soon(connection.run, name=_TASK_NAME)
+
+    def _discard(self, sock: socket.socket, token: object) -> None:
+        sock.close()
+        self._release(token)
 
     def _connection_closed(self, connection: Connection) -> None:
         assert connection.stats is not None

@@ -47,12 +47,25 @@ import trio
 
 from .netpoll import Netpoller, Registration
 
-__all__ = ["EchoSocketStream"]
+__all__ = ["EchoSocketStream", "tune"]
 
 # trio.SocketStream's value (python-trio/trio#72).
 NOTSENT_LOWAT = 2**14
 
 _CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+def tune(sock: socket.socket) -> None:
+    """Set ``TCP_NODELAY`` and ``TCP_NOTSENT_LOWAT`` as `trio.SocketStream` does.
+
+    On a listener, accepted sockets inherit both (tcp(7)), which saves two
+    ``setsockopt`` calls per connection; errors (``AF_UNIX``) are ignored.
+    """
+    with suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
 
 
 def _translate(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
@@ -70,21 +83,26 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
       sock: a connected stream socket; the stream takes ownership and makes
           it non-blocking.
       poller: wait through this `Netpoller` rather than Trio's own I/O.
+      tuned: the socket already has the options `tune` sets (it inherited
+          them from a tuned listener).
 
     """
 
-    __slots__ = ("_did_send_eof", "_poll", "_sock")
+    __slots__ = ("_did_send_eof", "_poll", "_sock", "_trio_waited")
 
-    def __init__(self, sock: socket.socket, poller: Netpoller | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, poller: Netpoller | None = None, *, tuned: bool = False
+    ) -> None:
         sock.setblocking(False)
-        with suppress(OSError):  # not on AF_UNIX
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if hasattr(socket, "TCP_NOTSENT_LOWAT"):
-            with suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        if not tuned:
+            tune(sock)
         self._sock = sock
         self._did_send_eof = False
         self._poll: Registration | None = None if poller is None else poller.register(sock)
+        # Whether Trio's I/O manager may know this descriptor: only then does
+        # closing need notify_closing, which costs an EPOLL_CTL_DEL even for
+        # a descriptor Trio never saw.
+        self._trio_waited = poller is None
 
     @classmethod
     def from_trio_socket(
@@ -135,6 +153,7 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
         elif poll.writable:
             await trio.lowlevel.checkpoint()
         elif poll.direct:
+            self._trio_waited = True
             await trio.lowlevel.wait_writable(self._sock)
         else:
             await poll.wait_writable()
@@ -167,6 +186,7 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
             if poll.readable:
                 await trio.lowlevel.checkpoint()  # a schedule point, for fairness
             elif poll.direct:  # few connections are busy: Trio's own wait is cheaper
+                self._trio_waited = True
                 await trio.lowlevel.wait_readable(self._sock)
             else:
                 # poll.wait_readable(), inlined: one coroutine frame fewer
@@ -195,9 +215,13 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
 
     @property
     def known_readable(self) -> bool:
-        """Whether the netpoller says the socket has input (it was not used up)."""
+        """Whether the netpoller says the socket may have input (not used up).
+
+        True for a new connection, so its first line is read before any wait,
+        as Go reads before it parks; a stale True costs one ``EAGAIN``.
+        """
         poll = self._poll
-        return poll is not None and poll.readable and not poll.direct
+        return poll is not None and poll.readable
 
     def wait_readable(self) -> Awaitable[None]:
         """An awaitable that parks until the socket may be readable.
@@ -209,6 +233,7 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
         # Returned for the caller to await at once: no frame of ours in between.
         poll = self._poll
         if poll is None or poll.direct:
+            self._trio_waited = True
             return trio.lowlevel.wait_readable(self._sock)  # noqa: ASYNC105
         return trio.lowlevel.wait_task_rescheduled(poll.park_reader())  # noqa: ASYNC105
 
@@ -248,6 +273,9 @@ class EchoSocketStream(trio.abc.HalfCloseableStream):
         """Close at once, without a checkpoint (for ``finally`` blocks)."""
         if self._sock.fileno() != -1:
             if self._poll is not None:
-                self._poll.close()  # before the descriptor number can be reused
-            trio.lowlevel.notify_closing(self._sock)
+                # Before the descriptor number can be reused; the close just
+                # below takes the descriptor out of the epoll set itself.
+                self._poll.close(unregister=False)
+            if self._trio_waited:
+                trio.lowlevel.notify_closing(self._sock)
             self._sock.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 
@@ -169,33 +169,114 @@ class Exploded(Exception):
     pass
 
 
-async def test_the_pollers_own_failure_is_the_servers_error_not_a_hang(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls = 0
+def break_the_poller(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Make every later `Netpoller.poll_now` raise `Exploded`; return the switch."""
+    broken = False
     real = Netpoller.poll_now
 
     def poll_now(self: Netpoller) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
+        if broken and not self._epoll.closed:
             raise Exploded("the netpoller broke")
         return real(self)
 
+    def switch() -> None:
+        nonlocal broken
+        broken = True
+
     monkeypatch.setattr(Netpoller, "poll_now", poll_now)
+    return switch
+
+
+async def open_parked_clients(server: Server, count: int) -> list[trio.SocketStream]:
+    """Clients that have each echoed a line and whose handlers are parked."""
+    clients = []
+    for i in range(count):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await round_trip(stream, b"%d\n" % i)
+        clients.append(stream)
+    await trio.testing.wait_all_tasks_blocked()
+    return clients
+
+
+async def test_the_pollers_own_failure_is_the_servers_error_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The poller breaks with ten connections parked on it: the next lines
+    wake it, and its error ends serve() instead of leaving them parked."""
+    breaks = break_the_poller(monkeypatch)
     with trio.fail_after(TIME_LIMIT), pytest.RaisesGroup(Exploded, flatten_subgroups=True):
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(partial(serve, Config(port=0)))
-
-            async def client(line: bytes) -> None:
-                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-                with suppress(trio.BrokenResourceError, AssertionError):  # the server died
-                    await round_trip(stream, line)
-                    await trio.sleep_forever()
-
-            for i in range(10):  # connections parked on the poller when it dies
-                nursery.start_soon(client, b"%d\n" % i)
+            clients = await open_parked_clients(server, 10)
+            breaks()
+            for stream in clients:
+                with suppress(trio.BrokenResourceError):  # the server may be dying
+                    await stream.send_all(b"again\n")
             await trio.sleep_forever()
+
+
+async def test_a_poller_failure_met_by_a_cancel_is_still_the_servers_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancel makes a parked task's abort poll; an error there cannot be
+    raised in the abort, and must not vanish when the poller itself is then
+    cancelled without waking again (a shutdown)."""
+    breaks = break_the_poller(monkeypatch)
+    with trio.fail_after(TIME_LIMIT), pytest.RaisesGroup(Exploded, flatten_subgroups=True):
+        async with running_poller() as poller:
+            stream, client = pair(poller)
+            with client, trio.CancelScope() as parked:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stream.receive_some)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert stream._poll is not None
+                    assert stream._poll.reader is not None
+                    breaks()
+                    parked.cancel()  # the abort polls, and meets the error
+            stream.close()
+
+
+async def test_a_poller_left_with_no_socket_sleeps_until_the_next_one(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct mode probes the set four times a second for active sockets;
+    once the last one is gone there is nothing to probe, and an idle server
+    should cost nothing."""
+    probes = 0
+    real = Netpoller.poll_now
+
+    def counting(self: Netpoller) -> int:
+        nonlocal probes
+        probes += 1
+        return real(self)
+
+    monkeypatch.setattr(Netpoller, "poll_now", counting)
+    async with running_poller(adapt=True) as poller:
+        stream, client = pair(poller)
+        with client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(Connection(stream, Config()).run)
+                for i in range(300):  # 3 s of one busy connection: direct
+                    client.send(b"%d\n" % i)
+                    await trio.lowlevel.wait_readable(client)
+                    assert client.recv(100) == b"%d\n" % i
+                    await trio.sleep(0.01)
+                assert poller.direct
+                client.shutdown(socket.SHUT_WR)
+        assert poller.registered == 0
+        probes = 0
+        await trio.sleep(60)
+        assert probes <= 1, f"{probes} probes in a minute with no socket to probe"
+        assert not poller.direct
+        # ...and the next connection is served through the poller at once.
+        stream, client = pair(poller)
+        with client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(Connection(stream, Config()).run)
+                client.send(b"next\n")
+                await trio.lowlevel.wait_readable(client)
+                assert client.recv(100) == b"next\n"
+                client.shutdown(socket.SHUT_WR)
 
 
 async def test_a_receive_on_a_socket_known_readable_is_still_a_checkpoint() -> None:
@@ -250,6 +331,26 @@ async def test_the_load_decides_between_polling_and_trios_own_waits(
                 client.shutdown(socket.SHUT_WR)
         for _, client in pairs:
             client.close()
+
+
+async def test_an_idle_spell_before_the_first_wake_up_is_no_evidence_of_small_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The measuring window starts at its first wake-up: a server that sat
+    idle after start-up does not go direct on the first line it serves."""
+    async with running_poller(adapt=True) as poller:
+        await trio.sleep(5)  # idle since start-up
+        stream, client = pair(poller)
+        with client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(Connection(stream, Config()).run)
+                for i in range(3):
+                    client.send(b"%d\n" % i)
+                    await trio.lowlevel.wait_readable(client)
+                    assert client.recv(100) == b"%d\n" % i
+                    await trio.sleep(0.1)
+                assert not poller.direct, "three lines in 0.3 s are not a window yet"
+                client.shutdown(socket.SHUT_WR)
 
 
 async def test_a_crowd_of_idle_connections_keeps_the_poller_polling(

@@ -18,8 +18,8 @@ import math
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import partial
 from typing import Any, cast
 
@@ -28,6 +28,7 @@ import trio
 import trio.testing
 
 from echosvc import BindError, CloseReason, Config, Server, serve
+from echosvc import server as server_module
 
 from .support import Logs, captured_logs, receive_exactly, receive_until_eof, round_trip
 
@@ -340,46 +341,53 @@ async def test_a_quiet_listener_does_not_starve_a_busy_one_at_the_limit() -> Non
                     await round_trip(client, b"v6\n")
 
 
-class FlakyAccept:
-    """A listening socket whose ``accept()`` fails with ``errors`` first.
+class FlakyListener:
+    """A real listener whose accepts fail with ``errors`` first.
 
-    Stands in for ``listener.socket``: the server waits on its descriptor and
-    calls its ``accept()``; everything else goes to the real socket.
+    The server accepts through `echosvc.server._nonblocking_accept`; `open`
+    wraps it for this listener only, so the server waits on the real
+    descriptor and meets the errors where a real shortage would raise them.
     """
 
     def __init__(self, sock: trio.socket.SocketType, errors: list[int]) -> None:
-        self._sock = sock
+        self.socket = sock
         self.errors = errors
 
-    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
-        await trio.lowlevel.checkpoint()
-        if self.errors:
-            code = self.errors.pop(0)
-            raise OSError(code, os.strerror(code))
-        return await self._sock.accept()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
-class FlakyListener:
-    def __init__(self, sock: trio.socket.SocketType, errors: list[int]) -> None:
-        self.socket = FlakyAccept(sock, errors)
-
     @classmethod
-    async def open(cls, errors: list[int]) -> FlakyListener:
+    async def open(cls, errors: list[int], monkeypatch: pytest.MonkeyPatch) -> FlakyListener:
         sock = trio.socket.socket()
         await sock.bind(("127.0.0.1", 0))
         sock.listen()
-        return cls(sock, errors)
+        listener = cls(sock, errors)
+        real = server_module._nonblocking_accept
+
+        @contextmanager
+        def flaky(
+            lsock: trio.socket.SocketType,
+        ) -> Iterator[Callable[[], tuple[socket.socket, Any]]]:
+            with real(lsock) as accept:
+                if lsock is not sock:
+                    yield accept
+                    return
+
+                def accept_or_fail() -> tuple[socket.socket, Any]:
+                    if listener.errors:
+                        code = listener.errors.pop(0)
+                        raise OSError(code, os.strerror(code))
+                    return accept()
+
+                yield accept_or_fail
+
+        monkeypatch.setattr(server_module, "_nonblocking_accept", flaky)
+        return listener
 
 
 async def test_running_out_of_file_descriptors_pauses_accepting_then_resumes(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The accept loop backs off from 5 ms, doubling to 1 s, logs the episode
     once, and serves the queued connection after it."""
-    listener = await FlakyListener.open([errno.EMFILE] * 9 + [errno.ENFILE] * 2)
+    listener = await FlakyListener.open([errno.EMFILE] * 9 + [errno.ENFILE] * 2, monkeypatch)
     with captured_logs() as logs:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
@@ -406,10 +414,10 @@ async def test_running_out_of_file_descriptors_pauses_accepting_then_resumes(
 
 
 async def test_an_unexpected_accept_error_propagates_and_stops_the_server(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """EINVAL is no shortage to wait out: serve() raises instead of spinning."""
-    listener = await FlakyListener.open([errno.ECONNABORTED, errno.EINVAL])
+    listener = await FlakyListener.open([errno.ECONNABORTED, errno.EINVAL], monkeypatch)
     einval = pytest.RaisesExc(OSError, check=lambda exc: exc.errno == errno.EINVAL)
     with pytest.RaisesGroup(einval, flatten_subgroups=True):
         async with trio.open_nursery() as nursery:
@@ -419,7 +427,7 @@ async def test_an_unexpected_accept_error_propagates_and_stops_the_server(
             client = trio.socket.socket()
             await client.connect(listener.socket.getsockname())
             await trio.sleep_forever()
-    assert listener.socket.errors == [], "the ignorable error was skipped, then EINVAL raised"
+    assert listener.errors == [], "the ignorable error was skipped, then EINVAL raised"
 
 
 # --- shutdown ---------------------------------------------------------------

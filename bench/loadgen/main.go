@@ -379,10 +379,18 @@ func (c *econn) refill(depth int, now int64) {
 	}
 }
 
+// writeLimit, with -split, caps a write(2) at one request, so that each
+// request reaches the server as a segment of its own instead of coalesced.
+var writeLimit int
+
 // flush writes queued bytes; what the kernel does not take waits for EPOLLOUT.
 func (c *econn) flush(epfd int) error {
 	for len(c.out) > 0 {
-		n, err := syscall.Write(c.fd, c.out)
+		chunk := c.out
+		if writeLimit > 0 && len(chunk) > writeLimit {
+			chunk = chunk[:writeLimit]
+		}
+		n, err := syscall.Write(c.fd, chunk)
 		if err == syscall.EINTR {
 			continue
 		}
@@ -1267,6 +1275,7 @@ func main() {
 	flag.Float64Var(&cfg.duration, "duration", 10, "measured window, seconds")
 	flag.Float64Var(&cfg.warmup, "warmup", 2, "warmup before the window, seconds")
 	flag.BoolVar(&cfg.jsonOut, "json", false, "print one JSON object instead of text")
+	split := flag.Bool("split", false, "load mode: one write(2) per request, never coalesced")
 	flag.IntVar(&cfg.idle, "idle", 0, "idle mode: open this many connections and hold them")
 	flag.Float64Var(&cfg.hold, "hold", 10, "idle mode: seconds to hold the connections")
 	flag.IntVar(&cfg.serverPid, "server-pid", 0, "sample this process's CPU time and RSS")
@@ -1282,6 +1291,9 @@ func main() {
 	flag.IntVar(&cfg.sources, "sources", 64, "short mode: bind client sockets across this many 127.1.x.y source addresses (0: one, the kernel's choice)")
 	flag.BoolVar(&cfg.tls, "tls", false, "load mode over TLS (request/response only; the certificate is not verified)")
 	flag.Parse()
+	if *split {
+		writeLimit = cfg.size
+	}
 	if cfg.size < 2 || cfg.depth < 1 || cfg.conns < 1 || cfg.duration <= 0 || cfg.warmup < 0 ||
 		cfg.idle < 0 || cfg.ramp < 1 || cfg.clkTck < 1 || cfg.sources < 0 || cfg.sources > 254*254 ||
 		(cfg.requests != 0 && cfg.requests < cfg.conns) || cfg.maxFail < 1 {
@@ -1293,6 +1305,10 @@ func main() {
 
 	var rep interface{}
 	var ok bool
+	if many.n > 0 {
+		runMany(cfg)
+		return
+	}
 	if cfg.idle > 0 {
 		rep, ok = runIdle(cfg, nofile)
 	} else if cfg.short {

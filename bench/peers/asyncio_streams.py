@@ -37,13 +37,15 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             await writer.wait_closed()
 
 
-async def main(host: str, port: int, tls_cert: str | None = None) -> None:
+async def main(host: str, port: int, reuse_port: bool = False, tls_cert: str | None = None) -> None:
     context = None
     if tls_cert is not None:  # TLS 1.3, as echosvc's default
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.load_cert_chain(tls_cert)
-    server = await asyncio.start_server(handle, host, port, limit=MAX_LINE, ssl=context)
+    server = await asyncio.start_server(
+        handle, host, port, limit=MAX_LINE, reuse_port=reuse_port or None, ssl=context
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,8 +59,11 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="SO_REUSEPORT: several copies share the port"
+    )
     parser.add_argument("--tls-cert", help="serve TLS with this PEM file (key and certificate)")
     args = parser.parse_args()
     factory = uvloop.new_event_loop if args.loop == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main(args.host, args.port, args.tls_cert))
+        runner.run(main(args.host, args.port, args.reuse_port, args.tls_cert))
