@@ -35,6 +35,17 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def private_kib(pid: int) -> int:
+    """What the process adds to the machine: its pages no other process maps
+    (``Private_Clean + Private_Dirty`` of ``smaps_rollup``). RSS also counts
+    the interpreter's and OpenSSL's shared pages once in every worker."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0])
+    return fields["Private_Clean"] + fields["Private_Dirty"]
+
+
 def children(pid: int) -> list[int]:
     """Every process whose parent is ``pid`` (workers are spawned from a
     thread, so ``/proc/PID/task/PID/children`` misses them)."""
@@ -54,6 +65,7 @@ class Round:
     startup_s: float
     main_rss_kib: int
     worker_rss_kib: list[int]
+    worker_private_kib: list[int]
 
 
 def one_round(workers: int) -> Round:
@@ -75,7 +87,12 @@ def one_round(workers: int) -> Round:
         startup_s = time.monotonic() - started
         time.sleep(0.5)  # let the workers settle after their READY
         worker_pids = children(proc.pid) if workers else []
-        return Round(round(startup_s, 4), rss_kib(proc.pid), [rss_kib(pid) for pid in worker_pids])
+        return Round(
+            round(startup_s, 4),
+            rss_kib(proc.pid),
+            [rss_kib(pid) for pid in worker_pids],
+            [private_kib(pid) for pid in worker_pids],
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -111,12 +128,14 @@ def main() -> int:
         "trio and structlog": floor_kib("import trio, structlog"),
     }
     worker_rss = [kib for r in multi for kib in r.worker_rss_kib]
+    worker_private = [kib for r in multi for kib in r.worker_private_kib]
     summary = {
         "single_startup_s": med(r.startup_s for r in single),
         "single_rss_mib": med(r.main_rss_kib for r in single) / 1024,
         "workers_startup_s": med(r.startup_s for r in multi),
         "supervisor_rss_mib": med(r.main_rss_kib for r in multi) / 1024,
         "worker_rss_mib": med(worker_rss) / 1024,
+        "worker_private_mib": med(worker_private) / 1024,
     }
     result = {
         "command": " ".join(["bench/startup.py", *sys.argv[1:]]),
@@ -147,6 +166,7 @@ def main() -> int:
         f"| {w}: exec to `listening` | {summary['workers_startup_s']:.3f} s |",
         f"| {w}: supervisor RSS | {summary['supervisor_rss_mib']:.1f} MiB |",
         f"| {w}: RSS per worker | {summary['worker_rss_mib']:.1f} MiB |",
+        f"| {w}: private memory per worker | {summary['worker_private_mib']:.1f} MiB |",
         f"| {w}: later than one process (the workers' own start-up) | {extra_s:.3f} s |",
     ]
     for what, kib in floor.items():
