@@ -48,6 +48,7 @@ PEERS = BENCH / "peers"
 BUILD = BENCH / ".build"
 LOGS = BUILD / "logs"
 HOST = "127.0.0.1"
+TLS_CERT = BUILD / "tls.pem"  # made by build(): key and self-signed certificate
 DISTURBED_PCT = 10.0  # a run where other processes took more of a pinned core is redone
 
 # name -> command line template. Placeholders: {python} (this interpreter), {host},
@@ -78,7 +79,21 @@ SERVERS: dict[str, str] = {
         "{python} -m echosvc serve --host {host} --port {port}"
         " --log-format json --log-level warning --max-connections 20000"
     ),
+    # Over TLS 1.3, with a throw-away self-signed certificate the harness
+    # makes ({tls_cert}, key included); the load generator runs with -tls.
+    # Not in the default set: `--servers tls` (or the names).
+    "echosvc-tls": (
+        "{python} -m echosvc serve --host {host} --port {port}"
+        " --log-format json --log-level warning --max-connections 20000"
+        " --tls-cert {tls_cert}"
+    ),
+    "asyncio-streams-tls": (
+        "{python} {peers}/asyncio_streams.py --host {host} --port {port} --loop uvloop"
+        " --tls-cert {tls_cert}"
+    ),
 }
+# Servers that speak TLS: the load generator connects to them with -tls.
+TLS_SERVERS = {"echosvc-tls", "asyncio-streams-tls"}
 DEFAULT_SERVERS = [
     "c-floor",
     "go",
@@ -92,6 +107,7 @@ SERVER_ALIASES: dict[str, list[str]] = {
     "default": DEFAULT_SERVERS,
     "peers": [name for name in SERVERS if name != "echosvc"],
     "all": list(SERVERS),
+    "tls": ["echosvc", "echosvc-tls", "asyncio-streams", "asyncio-streams-tls"],
 }
 
 
@@ -295,6 +311,7 @@ def expand(template: str, port: int) -> list[str]:
         "bench": str(BENCH),
         "peers": str(PEERS),
         "build": str(BUILD),
+        "tls_cert": str(TLS_CERT),
     }
     return [token.format(**values) for token in shlex.split(template)]
 
@@ -328,6 +345,18 @@ def build(notes: list[str]) -> tuple[Path, set[str]]:
             check=True,
             timeout=120,
         )
+    if not TLS_CERT.exists() and shutil.which("openssl"):
+        log(f"making {TLS_CERT.relative_to(REPO)} (self-signed, for the -tls servers)")
+        key = BUILD / "tls.key"
+        argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+        argv += ["-nodes", "-days", "30", "-subj", "/CN=127.0.0.1", "-keyout", str(key)]
+        subprocess.run(
+            [*argv, "-out", str(BUILD / "tls.crt")],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+        TLS_CERT.write_bytes(key.read_bytes() + (BUILD / "tls.crt").read_bytes())
     go = shutil.which("go")
     if go is None:
         notes.append("`go` not found: the Go peer is skipped")
@@ -411,6 +440,8 @@ def run_one(
                 return run
             run.start_s = round(time.monotonic() - t0, 3)
             lg_argv, timeout = loadgen_argv(loadgen, sc, port, proc.pid, st)
+            if name in TLS_SERVERS:
+                lg_argv.append("-tls")
             try:
                 out = subprocess.run(
                     pinned(st.loadgen_cpu, lg_argv),

@@ -492,8 +492,9 @@ async def test_plain_text_to_a_tls_port_is_refused_and_the_server_unharmed(
 
 
 async def test_mutual_tls_with_and_without_a_client_certificate(
-    certs: Certificates, server_files: ServerFiles
+    certs: Certificates, server_files: ServerFiles, tmp_path: Path
 ) -> None:
+    (tmp_path / "elsewhere").mkdir()
     identity = certs.client_identity("client")
     config = tls_config(server_files, tls_client_ca=str(certs.ca_file))
     with trio.fail_after(TIME_LIMIT), captured_logs() as logs:
@@ -514,8 +515,20 @@ async def test_mutual_tls_with_and_without_a_client_certificate(
             assert "CERTIFICATE_REQUIRED" in str(refused.value.__cause__).upper()
             await trio.aclose_forcefully(anonymous)
             await logs.wait_for("connection_closed", 2)
+            # A certificate from a CA the server does not trust.
+            stranger = Certificates(tmp_path / "elsewhere").client_identity("stranger")
+            foreign = await open_tls(server.port, certs.client_context(identity=stranger))
+            await foreign.send_all(b"let me in\n")
+            with pytest.raises(trio.BrokenResourceError) as unknown:
+                await foreign.receive_some()
+            assert "UNKNOWN_CA" in str(unknown.value.__cause__).upper()
+            await trio.aclose_forcefully(foreign)
+            await logs.wait_for("connection_closed", 3)
             server.shutdown()
-    first, second = logs.events("connection_closed")
+    first, second, third = logs.events("connection_closed")
+    assert third["reason"] == "tls_failed"
+    assert third["detail"].startswith("certificate verify failed")
+    assert second["detail"] == "peer did not return a certificate"
     assert (first["reason"], first["client_subject"]) == ("eof", subject_of(identity))
     assert first["client_subject"] == "CN=client,OU=Echo,O=Example"
     assert (second["reason"], second["bytes_in"]) == ("tls_failed", 0)

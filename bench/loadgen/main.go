@@ -66,6 +66,7 @@ type config struct {
 	requests    int
 	short       bool
 	sources     int
+	tls         bool
 }
 
 // ---------------------------------------------------------------- requests
@@ -1288,6 +1289,7 @@ func main() {
 	flag.IntVar(&cfg.requests, "requests", 0, "load mode: send exactly this many requests in all, then stop (no warmup; -duration is the time limit)")
 	flag.BoolVar(&cfg.short, "short", false, "short mode: each of -conns clients connects, echoes one line, closes, again and again")
 	flag.IntVar(&cfg.sources, "sources", 64, "short mode: bind client sockets across this many 127.1.x.y source addresses (0: one, the kernel's choice)")
+	flag.BoolVar(&cfg.tls, "tls", false, "load mode over TLS (request/response only; the certificate is not verified)")
 	flag.Parse()
 	if *split {
 		writeLimit = cfg.size
@@ -1311,6 +1313,8 @@ func main() {
 		rep, ok = runIdle(cfg, nofile)
 	} else if cfg.short {
 		rep, ok = runShort(cfg)
+	} else if cfg.tls {
+		rep, ok = runLoadTLS(cfg)
 	} else {
 		rep, ok = runLoad(cfg)
 	}

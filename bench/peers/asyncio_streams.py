@@ -2,7 +2,8 @@
 
 Per connection: ``reader.readline()`` under ``asyncio.timeout(300)`` (the mirror of
 Go's ``SetReadDeadline`` before every line), ``writer.write(line)``, ``await
-writer.drain()``. Lines are limited to 64 KiB by the StreamReader limit.
+writer.drain()``. Lines are limited to 64 KiB by the StreamReader limit. With
+``--tls-cert`` the same over TLS 1.3 (``start_server(ssl=...)``), for the TLS benchmark.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import ssl
 
 import uvloop
 
@@ -35,9 +37,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             await writer.wait_closed()
 
 
-async def main(host: str, port: int, reuse_port: bool = False) -> None:
+async def main(host: str, port: int, reuse_port: bool = False, tls_cert: str | None = None) -> None:
+    context = None
+    if tls_cert is not None:  # TLS 1.3, as echosvc's default
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(tls_cert)
     server = await asyncio.start_server(
-        handle, host, port, limit=MAX_LINE, reuse_port=reuse_port or None
+        handle, host, port, limit=MAX_LINE, reuse_port=reuse_port or None, ssl=context
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -55,7 +62,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--reuse-port", action="store_true", help="SO_REUSEPORT: several copies share the port"
     )
+    parser.add_argument("--tls-cert", help="serve TLS with this PEM file (key and certificate)")
     args = parser.parse_args()
     factory = uvloop.new_event_loop if args.loop == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main(args.host, args.port, args.reuse_port))
+        runner.run(main(args.host, args.port, args.reuse_port, args.tls_cert))
