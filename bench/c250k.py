@@ -547,6 +547,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_held = established - lost_in_hold
         result["held"] = {
             "connections": n_held,
+            # Loaded but unused by any rule, conntrack stays at 0: no table to fill.
+            "nf_conntrack_count": read_sysctls().get("net.netfilter.nf_conntrack_count"),
             "lost_during_hold": lost_in_hold,
             "hold_s": round(time.monotonic() - t_hold, 2),
             "rss_kib_per_process": {str(p): s[1] for p, s in held.items()},
