@@ -172,10 +172,10 @@ def slabinfo() -> dict[str, dict[str, int]] | None:
     return out
 
 
-def busy_ticks() -> tuple[int, int]:
-    """(busy, all) clock ticks of every CPU together, from /proc/stat."""
+def busy_ticks() -> tuple[int, int, int]:
+    """(busy, all, softirq) clock ticks of every CPU together, from /proc/stat."""
     f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    return sum(f) - f[3] - f[4], sum(f)
+    return sum(f) - f[3] - f[4], sum(f), f[6]
 
 
 def listeners_on(port: int) -> int:
@@ -616,6 +616,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "loadgen_cpu_s": round(lg1 - lg0, 2),
                     # Both cores' busy time (user+system+softirq...), all processes.
                     "machine_busy_cores": round(machine, 3),
+                    # softirq time is the kernel's (loopback delivery): no process's utime+stime.
+                    "softirq_cores": round(
+                        (busy1[2] - busy0[2]) / max(1, busy1[1] - busy0[1]) * (os.cpu_count() or 1),
+                        3,
+                    ),
                     # Neither the server nor the load: other sessions on this shared box.
                     "other_cores": round(
                         machine - ((c1 - c0) / CLK_TCK + lg1 - lg0) / max(te1 - te0, 1e-3), 3
