@@ -502,15 +502,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # ---- the hold
         timeline.phase = "hold"
         t_hold = time.monotonic()
-        per_worker = {pid: fd_count(pid) - fds0.get(pid, 0) for pid in server.worker_pids()}
-        spread = list(per_worker.values())
-        result["per_worker"] = {
-            "connections": {str(p): n for p, n in per_worker.items()},
-            "min": min(spread),
-            "max": max(spread),
-            "mean": round(statistics.fmean(spread), 1),
-            "how": "descriptors in /proc/PID/fd, minus each worker's own before the ramp",
-        }
         time.sleep(max(0.0, args.idle_start - (time.monotonic() - t_hold)))
         pids = server.pids()
         i0, ti0, b0, n0 = server.sample(), time.monotonic(), busy_ticks(), sched_ns(pids)
@@ -542,6 +533,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         held = server.sample()
         sock1, slab1 = sockstat(), slabinfo()
         mem1 = meminfo_kib("Slab", "SReclaimable", "SUnreclaim", "MemAvailable")
+        # After the kernel snapshot: the census makes a proc inode + dentry per descriptor.
+        per_worker = {pid: fd_count(pid) - fds0.get(pid, 0) for pid in server.worker_pids()}
+        spread = list(per_worker.values())
+        result["per_worker"] = {
+            "connections": {str(p): n for p, n in per_worker.items()},
+            "min": min(spread),
+            "max": max(spread),
+            "mean": round(statistics.fmean(spread), 1),
+            "how": "descriptors in /proc/PID/fd, minus each worker's own before the ramp;"
+            " counted after the kernel memory snapshot, since listing /proc/PID/fd makes"
+            " a proc inode and a dentry per descriptor (about 2 KB of slab each)",
+        }
         still = [ld.last for ld in loaders]
         lost_in_hold = sum(int(x.get("lost", 0)) for x in still)
         n_held = established - lost_in_hold
