@@ -224,8 +224,9 @@ class ServerSet:
         return [p.pid for p in self.procs]
 
     def worker_pids(self) -> list[int]:
+        """The processes that serve: ``--workers 1`` is one process, no supervisor."""
         pids = self.pids()
-        return pids[1:] if self.name == "echosvc" else pids
+        return (pids[1:] or pids) if self.name == "echosvc" else pids
 
     def wait_ready(self, timeout: float) -> float:
         t0 = time.monotonic()
