@@ -85,7 +85,7 @@ def pick_harness() -> Path:
 def plain_log_axis(ax: Any) -> None:
     """Log-scale y ticks as plain numbers (0.6, 2, 100), not 6x10^-1."""
     fmt = mpl.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_locator(mpl.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_locator(mpl.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
     ax.yaxis.set_major_formatter(fmt)
     ax.yaxis.set_minor_formatter(mpl.ticker.NullFormatter())
 
