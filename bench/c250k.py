@@ -172,10 +172,10 @@ def slabinfo() -> dict[str, dict[str, int]] | None:
     return out
 
 
-def busy_ticks() -> tuple[int, int]:
-    """(busy, all) clock ticks of every CPU together, from /proc/stat."""
+def busy_ticks() -> tuple[int, int, int]:
+    """(busy, all, softirq) clock ticks of every CPU together, from /proc/stat."""
     f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    return sum(f) - f[3] - f[4], sum(f)
+    return sum(f) - f[3] - f[4], sum(f), f[6]
 
 
 def listeners_on(port: int) -> int:
@@ -224,8 +224,9 @@ class ServerSet:
         return [p.pid for p in self.procs]
 
     def worker_pids(self) -> list[int]:
+        """The processes that serve: ``--workers 1`` is one process, no supervisor."""
         pids = self.pids()
-        return pids[1:] if self.name == "echosvc" else pids
+        return (pids[1:] or pids) if self.name == "echosvc" else pids
 
     def wait_ready(self, timeout: float) -> float:
         t0 = time.monotonic()
@@ -502,15 +503,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # ---- the hold
         timeline.phase = "hold"
         t_hold = time.monotonic()
-        per_worker = {pid: fd_count(pid) - fds0.get(pid, 0) for pid in server.worker_pids()}
-        spread = list(per_worker.values())
-        result["per_worker"] = {
-            "connections": {str(p): n for p, n in per_worker.items()},
-            "min": min(spread),
-            "max": max(spread),
-            "mean": round(statistics.fmean(spread), 1),
-            "how": "descriptors in /proc/PID/fd, minus each worker's own before the ramp",
-        }
         time.sleep(max(0.0, args.idle_start - (time.monotonic() - t_hold)))
         pids = server.pids()
         i0, ti0, b0, n0 = server.sample(), time.monotonic(), busy_ticks(), sched_ns(pids)
@@ -542,11 +534,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         held = server.sample()
         sock1, slab1 = sockstat(), slabinfo()
         mem1 = meminfo_kib("Slab", "SReclaimable", "SUnreclaim", "MemAvailable")
+        # After the kernel snapshot: the census makes a proc inode + dentry per descriptor.
+        per_worker = {pid: fd_count(pid) - fds0.get(pid, 0) for pid in server.worker_pids()}
+        spread = list(per_worker.values())
+        result["per_worker"] = {
+            "connections": {str(p): n for p, n in per_worker.items()},
+            "min": min(spread),
+            "max": max(spread),
+            "mean": round(statistics.fmean(spread), 1),
+            "how": "descriptors in /proc/PID/fd, minus each worker's own before the ramp;"
+            " counted after the kernel memory snapshot, since listing /proc/PID/fd makes"
+            " a proc inode and a dentry per descriptor (about 2 KB of slab each)",
+        }
         still = [ld.last for ld in loaders]
         lost_in_hold = sum(int(x.get("lost", 0)) for x in still)
         n_held = established - lost_in_hold
         result["held"] = {
             "connections": n_held,
+            # Loaded but unused by any rule, conntrack stays at 0: no table to fill.
+            "nf_conntrack_count": read_sysctls().get("net.netfilter.nf_conntrack_count"),
             "lost_during_hold": lost_in_hold,
             "hold_s": round(time.monotonic() - t_hold, 2),
             "rss_kib_per_process": {str(p): s[1] for p, s in held.items()},
@@ -614,6 +620,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "loadgen_cpu_s": round(lg1 - lg0, 2),
                     # Both cores' busy time (user+system+softirq...), all processes.
                     "machine_busy_cores": round(machine, 3),
+                    # softirq time is the kernel's (loopback delivery): no process's utime+stime.
+                    "softirq_cores": round(
+                        (busy1[2] - busy0[2]) / max(1, busy1[1] - busy0[1]) * (os.cpu_count() or 1),
+                        3,
+                    ),
                     # Neither the server nor the load: other sessions on this shared box.
                     "other_cores": round(
                         machine - ((c1 - c0) / CLK_TCK + lg1 - lg0) / max(te1 - te0, 1e-3), 3

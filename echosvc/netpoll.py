@@ -52,9 +52,11 @@ with only public ``trio.lowlevel`` API:
 * **Chosen by measurement.** The poller pays once per wake-up (its own Trio
   wait, one ``epoll_wait``, a task switch); Trio's waits pay once per wait.
   With one busy connection every wake-up carries one event and the poller
-  costs more than it saves (rr1: about +35 us of server CPU per request,
-  ``bench/RESULTS.md``); from about three events per wake-up (eight busy
-  connections) it saves more than it costs. So the poller measures its
+  costs more than it saves (rr1: +21 % of server CPU per request, 1.00
+  events per wake-up; rr2: +14 %, 1.85); at about three events per wake-up
+  (rr4: 3.1) the two cost the same, and from there the poller saves more
+  than it costs (rr16: -17 %, 10.4; rr50: -22 %, 31) -- ``bench/RESULTS.md``,
+  "The netpoller's crossover". So the poller measures its
   batches: when a one-second window averages fewer than `BATCH_MIN` events
   per wake-up it goes *direct* -- wakes every task parked on it, which then
   wait through Trio's own ``wait_readable`` -- and stops waiting on its
