@@ -303,11 +303,20 @@ class SoakReport:
 
     @property
     def echo_cut_by_close(self) -> int:
-        """Connections whose client received less than the server logged as echoed."""
+        """Connections whose client received less than the server logged as echoed.
+
+        A client that reset the connection itself is not owed the rest: when a
+        stop lands before the server has read the RST, the server rightly
+        echoes the unfinished line it holds (a stop echoes every byte
+        received), into a connection the client has already thrown away.
+        """
         return sum(
             1
             for s in self.sessions
-            if s.echo is not None and s.record and s.echo.received < s.record["bytes_out"]
+            if s.echo is not None
+            and s.record
+            and s.outcome != "rst_sent"
+            and s.echo.received < s.record["bytes_out"]
         )
 
     @property
