@@ -255,11 +255,12 @@ async def _main(
         # A worker reports each reload done to its supervisor, whose is the
         # RELOADING=1/READY=1 bracket for systemd (echosvc.supervisor).
         reloads = Reloads(notifier, worker=worker is not None)
+        heartbeats = workers.Heartbeats(notifier) if worker is not None else None
         async with trio.open_nursery() as nursery:
-            if worker is not None:
+            if heartbeats is not None:
                 # From the loop's first moment: a worker wedged in its
                 # start-up is noticed too.
-                nursery.start_soon(workers.send_heartbeats, notifier)
+                nursery.start_soon(heartbeats.run)
             server: Server = await nursery.start(
                 partial(
                     _serve_then_stop, config, listeners, nursery.cancel_scope, udp_sockets, stages
@@ -280,7 +281,9 @@ async def _main(
             )
             status = partial(_status, server, counters=worker is not None)
             notifier.send("READY=1", *status())
-            if notifier.enabled:
+            if heartbeats is not None:
+                heartbeats.status = status  # on the heartbeat's wake-ups
+            elif notifier.enabled:
                 nursery.start_soon(systemd.report_status, notifier, status)
             interval = systemd.watchdog_interval()
             if interval is not None and notifier.enabled:
