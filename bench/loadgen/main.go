@@ -698,26 +698,46 @@ func runLoad(cfg *config) (interface{}, bool) {
 		}
 	}
 
+	results := make([]*connResult, len(conns))
+	for i, c := range conns {
+		results[i] = &c.res
+	}
+	rep := newLoadReport(cfg, "load", cfg.depth, connected, results, errs,
+		float64(t1-t0)/1e9, cpu1-cpu0, srv0, srv1, cores0, cores1)
+	measured, mismatches := rep.Requests, rep.Mismatches
+	if cfg.requests > 0 && measured != uint64(cfg.requests) {
+		errs.add("%d of the %d requests asked for were verified", measured, cfg.requests)
+		rep.Errors, rep.ErrorSamples = errs.count, errs.samples
+	}
+	ok := mismatches == 0 && errs.count == 0 && connected == cfg.conns && measured > 0
+	return rep, ok
+}
+
+// newLoadReport sums the connections' results into the report both load
+// modes (epoll and -tls) print: the window, the load generator's own CPU,
+// per-core busy time and, with -server-pid, the server's CPU and RSS.
+func newLoadReport(cfg *config, mode string, depth, connected int, results []*connResult,
+	errs *errorLog, window, selfCPUS float64, srv0, srv1 procSample,
+	cores0, cores1 map[string][]uint64) loadReport {
 	var hist histogram
 	var measured, verified, mismatches uint64
-	for _, c := range conns {
-		hist.merge(&c.res.hist)
-		measured += c.res.measured
-		verified += c.res.verified
-		mismatches += c.res.mismatches
+	for _, r := range results {
+		hist.merge(&r.hist)
+		measured += r.measured
+		verified += r.verified
+		mismatches += r.mismatches
 	}
-	window := float64(t1-t0) / 1e9
 	if window <= 0 {
 		window = 1e-9
 	}
 	rep := loadReport{
-		Mode: "load", Addr: cfg.addr, Conns: cfg.conns, Connected: connected,
-		Size: cfg.size, Depth: cfg.depth, WarmupS: cfg.warmup, DurationS: math.Round(window*1000) / 1000,
+		Mode: mode, Addr: cfg.addr, Conns: cfg.conns, Connected: connected,
+		Size: cfg.size, Depth: depth, WarmupS: cfg.warmup, DurationS: math.Round(window*1000) / 1000,
 		Requests: measured, ReqPerS: round2(float64(measured) / window),
 		MBPerS:   round2(float64(measured) * float64(cfg.size) / window / 1e6),
 		Verified: verified, Mismatches: mismatches, Errors: errs.count, ErrorSamples: errs.samples,
-		LoadgenCPUS:   round2(cpu1 - cpu0),
-		LoadgenCPUPct: round2((cpu1 - cpu0) / window * 100),
+		LoadgenCPUS:   round2(selfCPUS),
+		LoadgenCPUPct: round2(selfCPUS / window * 100),
 		Cores:         coreDelta(cores0, cores1, window, cfg.clkTck, measured),
 	}
 	if rep.ErrorSamples == nil {
@@ -742,12 +762,7 @@ func runLoad(cfg *config) (interface{}, bool) {
 		}
 		rep.Server = s
 	}
-	if cfg.requests > 0 && measured != uint64(cfg.requests) {
-		errs.add("%d of the %d requests asked for were verified", measured, cfg.requests)
-		rep.Errors, rep.ErrorSamples = errs.count, errs.samples
-	}
-	ok := mismatches == 0 && errs.count == 0 && connected == cfg.conns && measured > 0
-	return rep, ok
+	return rep
 }
 
 // -------------------------------------------------------------- short mode

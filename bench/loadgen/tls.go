@@ -15,7 +15,6 @@ import (
 	"context"
 	"crypto/tls"
 	"io"
-	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,50 +108,13 @@ func runLoadTLS(cfg *config) (interface{}, bool) {
 	t1, cpu1, srv1, cores1 := time.Since(start), selfCPU(), sampleProc(cfg.serverPid), cpuTimes()
 	wg.Wait()
 
-	var hist histogram
-	var measured, verified, mismatches uint64
+	ptrs := make([]*connResult, len(results))
 	for i := range results {
-		hist.merge(&results[i].hist)
-		measured += results[i].measured
-		verified += results[i].verified
-		mismatches += results[i].mismatches
+		ptrs[i] = &results[i]
 	}
-	window := (t1 - t0).Seconds()
-	if window <= 0 {
-		window = 1e-9
-	}
-	rep := loadReport{
-		Mode: "load-tls " + version, Addr: cfg.addr, Conns: cfg.conns, Connected: connected,
-		Size: cfg.size, Depth: 1, WarmupS: cfg.warmup, DurationS: math.Round(window*1000) / 1000,
-		Requests: measured, ReqPerS: round2(float64(measured) / window),
-		MBPerS:   round2(float64(measured) * float64(cfg.size) / window / 1e6),
-		Verified: verified, Mismatches: mismatches, Errors: errs.count, ErrorSamples: errs.samples,
-		LoadgenCPUS:   round2(cpu1 - cpu0),
-		LoadgenCPUPct: round2((cpu1 - cpu0) / window * 100),
-		Cores:         coreDelta(cores0, cores1, window, cfg.clkTck, measured),
-	}
-	if rep.ErrorSamples == nil {
-		rep.ErrorSamples = []string{}
-	}
-	if hist.n > 0 {
-		rep.LatencyUs = latencyJSON{
-			P50: round2(hist.quantile(0.50)), P90: round2(hist.quantile(0.90)),
-			P99: round2(hist.quantile(0.99)), P999: round2(hist.quantile(0.999)),
-			Max: round2(float64(hist.max) / 1000), Mean: round2(float64(hist.sum) / float64(hist.n) / 1000),
-		}
-	}
-	if cfg.serverPid > 0 {
-		s := &serverStats{Pid: cfg.serverPid, RSSKiBStart: srv0.rssKiB, RSSKiBEnd: srv1.rssKiB}
-		if srv0.ok && srv1.ok {
-			cpu := float64(srv1.cpuTicks-srv0.cpuTicks) / float64(cfg.clkTck)
-			s.CPUS = fptr(round2(cpu))
-			s.CPUPct = fptr(round2(cpu / window * 100))
-			if measured > 0 {
-				s.CPUUsPerReq = fptr(round2(cpu * 1e6 / float64(measured)))
-			}
-		}
-		rep.Server = s
-	}
+	rep := newLoadReport(cfg, "load-tls "+version, 1, connected, ptrs, errs,
+		(t1 - t0).Seconds(), cpu1-cpu0, srv0, srv1, cores0, cores1)
+	measured, mismatches := rep.Requests, rep.Mismatches
 	if cfg.depth != 1 {
 		errs.add("-tls supports -depth 1 only")
 		rep.Errors, rep.ErrorSamples = errs.count, errs.samples
