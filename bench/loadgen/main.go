@@ -830,6 +830,19 @@ type shortReport struct {
 	TimeWaitEnd int `json:"time_wait_end"` // sockets in TIME_WAIT system-wide at the end of the window
 }
 
+// ipv4Server resolves -addr for the modes that dial raw IPv4 sockets, or
+// exits with status 2 naming the mode.
+func ipv4Server(mode, addr string) (syscall.SockaddrInet4, net.IP) {
+	raddr, err := net.ResolveTCPAddr("tcp4", addr)
+	if err != nil || raddr.IP.To4() == nil {
+		fmt.Fprintln(os.Stderr, "loadgen: "+mode+" wants an IPv4 host:port:", addr)
+		os.Exit(2)
+	}
+	server := syscall.SockaddrInet4{Port: raddr.Port}
+	copy(server.Addr[:], raddr.IP.To4())
+	return server, raddr.IP
+}
+
 // timeWait reads the "tw" count of /proc/net/sockstat (-1 if unreadable).
 func timeWait() int {
 	data, err := os.ReadFile("/proc/net/sockstat")
@@ -851,14 +864,8 @@ func timeWait() int {
 func runShort(cfg *config) (interface{}, bool) {
 	errs := &errorLog{}
 	runtime.LockOSThread()
-	raddr, err := net.ResolveTCPAddr("tcp4", cfg.addr)
-	if err != nil || raddr.IP.To4() == nil {
-		fmt.Fprintln(os.Stderr, "loadgen: -short wants an IPv4 host:port:", cfg.addr)
-		os.Exit(2)
-	}
-	server := syscall.SockaddrInet4{Port: raddr.Port}
-	copy(server.Addr[:], raddr.IP.To4())
-	sources := sourceAddrs(cfg.sources, raddr.IP)
+	server, serverIP := ipv4Server("-short", cfg.addr)
+	sources := sourceAddrs(cfg.sources, serverIP)
 	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "loadgen: epoll_create1:", err)

@@ -104,13 +104,7 @@ type manyOut struct {
 func runMany(cfg *config) {
 	runtime.LockOSThread()
 	errs := &errorLog{}
-	raddr, err := net.ResolveTCPAddr("tcp4", cfg.addr)
-	if err != nil || raddr.IP.To4() == nil {
-		fmt.Fprintln(os.Stderr, "loadgen: -many wants an IPv4 host:port:", cfg.addr)
-		os.Exit(2)
-	}
-	server := syscall.SockaddrInet4{Port: raddr.Port}
-	copy(server.Addr[:], raddr.IP.To4())
+	server, _ := ipv4Server("-many", cfg.addr)
 	var sources []syscall.SockaddrInet4
 	for _, s := range strings.Split(many.src, ",") {
 		if s == "" {
