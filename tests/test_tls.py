@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +228,22 @@ async def run_connection(
     return dict(record)
 
 
+@asynccontextmanager
+async def connection_running(
+    server: trio.abc.Stream, stages: list[Stage]
+) -> AsyncIterator[dict[str, Any]]:
+    """`run_connection` in a task of its own while the block plays the client;
+    the dict holds the ``connection_closed`` record once both have ended."""
+    result: dict[str, Any] = {}
+
+    async def serve_it() -> None:
+        result.update(await run_connection(server, stages))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_it)
+        yield result
+
+
 async def test_a_silent_client_is_closed_at_the_handshake_deadline(
     autojump_clock: trio.testing.MockClock, server_files: ServerFiles
 ) -> None:
@@ -341,13 +359,7 @@ async def test_at_the_clients_close_notify_everything_is_echoed_before_ours(
     client_transport, server = trio.testing.memory_stream_pair()
     stage = TLSStage.from_config(tls_config(server_files))
     client = BioClient(client_transport, certs.client_context())
-    result: dict[str, Any] = {}
-
-    async def serve_it() -> None:
-        result.update(await run_connection(server, [stage]))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_it)
+    async with connection_running(server, [stage]) as result:
         await client.handshake()
         await client.send(PAYLOAD + b"last, no newline")
         await client.close_notify()
@@ -367,13 +379,7 @@ async def test_a_client_that_vanishes_without_close_notify_is_a_reset(
     client_transport, server = trio.testing.memory_stream_pair()
     stage = TLSStage.from_config(tls_config(server_files))
     client = BioClient(client_transport, certs.client_context())
-    result: dict[str, Any] = {}
-
-    async def serve_it() -> None:
-        result.update(await run_connection(server, [stage]))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_it)
+    async with connection_running(server, [stage]) as result:
         await client.handshake()
         await client.send(b"one\n")
         await client_transport.send_eof()  # a FIN, no close_notify: truncation
