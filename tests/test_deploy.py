@@ -382,9 +382,13 @@ def test_haproxy_config_is_valid_as_shipped() -> None:
 
 
 def render_haproxy_cfg(
-    frontend_port: int, backend_ports: tuple[int, int], stats_socket: Path
+    frontend_port: int,
+    backend_ports: tuple[int, int],
+    stats_socket: Path,
+    shipped: str = "haproxy.cfg",
 ) -> str:
-    """deploy/haproxy.cfg with test ports, a private stats socket and fast checks.
+    """deploy/haproxy.cfg (or another ``shipped`` file of the same shape, such
+    as haproxy-tls.cfg) with test ports, a private stats socket and fast checks.
 
     Each replaced text must occur exactly as often as expected, so the test
     breaks loudly rather than silently testing something else when the
@@ -393,7 +397,7 @@ def render_haproxy_cfg(
     and maxconn shrinks to fit a test runner's fd limit (HAProxy needs two
     fds per connection and refuses to start if it cannot get them).
     """
-    text = (DEPLOY / "haproxy.cfg").read_text()
+    text = (DEPLOY / shipped).read_text()
     replacements = [
         ("bind 127.0.0.1:9000\n", f"bind 127.0.0.1:{frontend_port}\n", 1),
         (" 127.0.0.1:9001 ", f" 127.0.0.1:{backend_ports[0]} ", 1),
@@ -411,7 +415,7 @@ def render_haproxy_cfg(
         ("    group haproxy\n", "", 1),
     ]
     for old, new, count in replacements:
-        assert text.count(old) == count, f"deploy/haproxy.cfg: expected {old!r} x{count}"
+        assert text.count(old) == count, f"deploy/{shipped}: expected {old!r} x{count}"
         text = text.replace(old, new)
     return text
 
@@ -479,8 +483,8 @@ def echo_concurrently(port: int, count: int, tag: str) -> None:
             assert received == expected
 
 
-def haproxy_stat(stats_socket: Path) -> dict[str, dict[str, str]]:
-    """``show stat`` of the backend's servers: name -> CSV columns."""
+def haproxy_stat(stats_socket: Path, backend: str = "echosvc") -> dict[str, dict[str, str]]:
+    """``show stat`` of the ``backend``'s servers: name -> CSV columns."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5.0)
         sock.connect(str(stats_socket))
@@ -494,7 +498,7 @@ def haproxy_stat(stats_socket: Path) -> dict[str, dict[str, str]]:
     return {
         row["svname"]: row
         for row in rows
-        if row["pxname"] == "echosvc" and row["svname"] not in ("FRONTEND", "BACKEND")
+        if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")
     }
 
 

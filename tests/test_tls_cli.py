@@ -28,7 +28,15 @@ from typer.testing import CliRunner
 from echosvc.cli import app
 
 from .support import Daemon, child_env, receive_exactly
-from .test_deploy import DEPLOY, free_port, needs_haproxy, running, wait_until
+from .test_deploy import (
+    DEPLOY,
+    free_port,
+    haproxy_stat,
+    needs_haproxy,
+    render_haproxy_cfg,
+    running,
+    wait_until,
+)
 from .test_proxy_cli import run_cli_async
 from .test_systemd import Manager
 from .tls_support import Certificates, ServerFiles, fingerprint, open_tls
@@ -411,40 +419,6 @@ async def test_socket_activated_tls_listener(
     assert (closed["reason"], closed["tls_version"]) == ("eof", "TLSv1.3")
 
 
-def render_haproxy_tls_cfg(frontend: int, backends: tuple[int, int], stats: Path) -> str:
-    """deploy/haproxy-tls.cfg with test ports, a private stats socket, fast checks."""
-    text = (DEPLOY / "haproxy-tls.cfg").read_text()
-    for old, new in [
-        ("bind 127.0.0.1:9000\n", f"bind 127.0.0.1:{frontend}\n"),
-        (" 127.0.0.1:9001 ", f" 127.0.0.1:{backends[0]} "),
-        (" 127.0.0.1:9002 ", f" 127.0.0.1:{backends[1]} "),
-        ("stats socket /run/haproxy/admin.sock ", f"stats socket {stats} "),
-        (" inter 5s fastinter 1s downinter 5s ", " inter 200ms fastinter 100ms downinter 200ms "),
-        ("    chroot /var/lib/haproxy\n", ""),
-        ("    user haproxy\n", ""),
-        ("    group haproxy\n", ""),
-    ]:
-        assert text.count(old) == 1, f"deploy/haproxy-tls.cfg: expected {old!r} once"
-        text = text.replace(old, new)
-    return text.replace("maxconn 20000\n", "maxconn 1000\n")
-
-
-def servers_of(stats_socket: Path) -> dict[str, dict[str, str]]:
-    """``show stat`` of deploy/haproxy-tls.cfg's backend: server name -> columns."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5.0)
-        sock.connect(str(stats_socket))
-        sock.sendall(b"show stat\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    lines = data.decode().splitlines()
-    header = lines[0].lstrip("# ").split(",")
-    rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
-    return {row["svname"]: row for row in rows if row["pxname"] == "echosvc-tls"}
-
-
-@needs_haproxy
 def test_haproxy_tls_config_is_valid_as_shipped() -> None:
     done = subprocess.run(
         ["haproxy", "-c", "-f", str(DEPLOY / "haproxy-tls.cfg")],
@@ -463,7 +437,7 @@ async def test_a_proxy_v2_header_then_tls_through_haproxy(
     frontend, backends = free_port(), (free_port(), free_port())
     stats = tmp_path / "haproxy.sock"
     config = tmp_path / "haproxy.cfg"
-    config.write_text(render_haproxy_tls_cfg(frontend, backends, stats))
+    config.write_text(render_haproxy_cfg(frontend, backends, stats, shipped="haproxy-tls.cfg"))
     with trio.fail_after(TIME_LIMIT):
         async with trio.open_nursery() as nursery:
             instances = [
@@ -481,7 +455,7 @@ async def test_a_proxy_v2_header_then_tls_through_haproxy(
 
                 def both_up() -> bool:
                     try:
-                        table = servers_of(stats)
+                        table = haproxy_stat(stats, backend="echosvc-tls")
                     except OSError:  # not listening on its stats socket yet
                         return False
                     return all(
