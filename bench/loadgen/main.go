@@ -830,6 +830,16 @@ type shortReport struct {
 	TimeWaitEnd int `json:"time_wait_end"` // sockets in TIME_WAIT system-wide at the end of the window
 }
 
+// bindSource binds fd to the source address src with IP_BIND_ADDRESS_NO_PORT:
+// the port is chosen at connect(2) for the whole 4-tuple, so one source
+// address is not limited to the ephemeral ports a plain bind would leave it.
+func bindSource(fd int, src *syscall.SockaddrInet4) error {
+	if err := syscall.SetsockoptInt(fd, syscall.IPPROTO_IP, ipBindAddressNoPort, 1); err != nil {
+		return err
+	}
+	return syscall.Bind(fd, src)
+}
+
 // ipv4Server resolves -addr for the modes that dial raw IPv4 sockets, or
 // exits with status 2 naming the mode.
 func ipv4Server(mode, addr string) (syscall.SockaddrInet4, net.IP) {
@@ -915,10 +925,7 @@ func runShort(cfg *config) (interface{}, bool) {
 		if sources != nil {
 			src := sources[nextSource%len(sources)]
 			nextSource++
-			err = syscall.SetsockoptInt(fd, syscall.IPPROTO_IP, ipBindAddressNoPort, 1)
-			if err == nil {
-				err = syscall.Bind(fd, &src)
-			}
+			err = bindSource(fd, &src)
 			if err != nil {
 				syscall.Close(fd)
 				errs.add("client %d: binding a source address: %v", c.id, err)

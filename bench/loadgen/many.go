@@ -183,10 +183,7 @@ func runMany(cfg *config) {
 		if len(sources) > 0 {
 			src := sources[nextSource%len(sources)]
 			nextSource++
-			err = syscall.SetsockoptInt(fd, syscall.IPPROTO_IP, ipBindAddressNoPort, 1)
-			if err == nil {
-				err = syscall.Bind(fd, &src)
-			}
+			err = bindSource(fd, &src)
 			if err != nil {
 				fail(c, false, "conn %d: binding a source address: %v", c.id, err)
 				return
